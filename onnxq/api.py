@@ -1,0 +1,155 @@
+"""`onnxq.quantize`: the whole pipeline, from a float model and calibration data to a verified
+quantized model held in memory.
+
+    load -> prepare passes -> annotate (QuantPlan) -> collect statistics (ORT)
+      -> initial qparams -> emit (Q/DQ) -> verify on held-out feeds -> QuantResult
+
+Nothing is written until `QuantResult.save`, which writes atomically and never over the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxq import calibrate, model_io
+from onnxq.config import QuantConfig, config_to_dict
+from onnxq.data import CalibrationSet, open_calibration
+from onnxq.emit import emit
+from onnxq.passes import prepare
+from onnxq.passes.annotate import annotate
+from onnxq.plan import QuantPlan
+from onnxq.qparams import QParams, weight_params_for
+from onnxq.verify import FidelityReport, verify
+
+logger = logging.getLogger(__name__)
+
+# Called as progress(stage, advance, total): stage names are "calibrate" and "verify".
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class QuantResult:
+    """A verified quantized model and everything that explains it."""
+
+    model: onnx.ModelProto
+    plan: QuantPlan
+    qparams: QParams
+    config: QuantConfig
+    fidelity: FidelityReport
+    calibration_feeds: int
+    float_bytes: int
+    quantized_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    source: str | None = None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model atomically; refuses to write over the source model."""
+        path = model_io.check_output_path(self.source, path)
+        return model_io.save_model_atomic(self.model, path)
+
+    def summary(self) -> dict[str, object]:
+        """A JSON-ready account of what was done and how well it went."""
+        quantized_ops: dict[str, int] = {}
+        for op in self.plan.quantized_nodes.values():
+            quantized_ops[op] = quantized_ops.get(op, 0) + 1
+        float_ops: dict[str, int] = {}
+        for op in self.plan.float_nodes.values():
+            float_ops[op] = float_ops.get(op, 0) + 1
+        return {
+            "config": config_to_dict(self.config),
+            "quantized_ops": dict(sorted(quantized_ops.items())),
+            "float_ops": dict(sorted(float_ops.items())),
+            "weights_quantized": len(self.plan.weights),
+            "activation_groups": len(self.plan.activation_groups),
+            "calibration_feeds": self.calibration_feeds,
+            "fidelity": {"feeds": self.fidelity.feeds, "held_out": self.fidelity.held_out,
+                         "outputs": [dataclasses.asdict(o) for o in self.fidelity.outputs]},
+            "float_bytes": self.float_bytes,
+            "quantized_bytes": self.quantized_bytes,
+            "size_ratio": self.quantized_bytes / self.float_bytes if self.float_bytes else None,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def _as_proto(model: str | Path | onnx.ModelProto | ir.Model) -> tuple[onnx.ModelProto, str | None]:
+    if isinstance(model, (str, Path)):
+        return model_io.load_model(model), str(model)
+    if isinstance(model, ir.Model):
+        proto = model_io.to_proto(model)
+    elif isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        raise TypeError(f"model must be a path, onnx.ModelProto or onnx_ir.Model, not {type(model)}")
+    model_io.check_model(proto, "the model")
+    return proto, None
+
+
+def _weights(model: ir.Model, plan: QuantPlan) -> dict[str, np.ndarray]:
+    initializers = model.graph.initializers
+    return {spec.tensor: initializers[spec.tensor].const_value.numpy() for spec in plan.weights}
+
+
+def quantize(
+    model: str | Path | onnx.ModelProto | ir.Model,
+    calib: object,
+    config: QuantConfig | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> QuantResult:
+    """Quantize a float model to int8 QDQ with calibration data.
+
+    Args:
+        model: path of an ONNX file, an `onnx.ModelProto` or an `onnx_ir.Model`.
+        calib: a `.npz` path (samples on axis 0), a folder of `.npz` feeds, or any iterable of
+            feed dicts {input name: array}.
+        config: options; defaults to `QuantConfig()`.
+        progress: optional callback (stage, advance, total) for progress display.
+    """
+    config = config or QuantConfig()
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    proto, source = _as_proto(model)
+    float_session = model_io.create_session(proto, "the float model")
+    feeds = open_calibration(calib, proto)
+    if config.max_feeds is not None and len(feeds) > config.max_feeds:
+        feeds = feeds.subset(range(config.max_feeds))
+    calibration, held_out = feeds.split(config.holdout, np.random.default_rng(config.seed))
+    prepared = prepare(model_io.to_ir(proto))
+    plan = annotate(prepared, config)
+    seconds["prepare"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    stats = calibrate.collect_statistics(
+        model_io.to_proto(prepared), plan.stats_tensors, calibration,
+        keep_histogram=calibrate.needs_histogram(config.method),
+        progress=_stage(progress, "calibrate", len(calibration)))
+    qparams = QParams(activations=calibrate.activation_qparams(plan, stats, config),
+                      weights=weight_params_for(plan, _weights(prepared, plan)))
+    seconds["calibrate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    quantized = model_io.to_proto(emit(prepared, plan, qparams))
+    fidelity_feeds: CalibrationSet = held_out if len(held_out) else calibration
+    _, fidelity = verify(quantized, float_session, fidelity_feeds, held_out=len(held_out) > 0,
+                         min_cosine=config.min_cosine)
+    seconds["verify"] = time.perf_counter() - start
+    return QuantResult(
+        model=quantized, plan=plan, qparams=qparams, config=config, fidelity=fidelity,
+        calibration_feeds=len(calibration), float_bytes=proto.ByteSize(),
+        quantized_bytes=quantized.ByteSize(), seconds=seconds, source=source)
+
+
+def _stage(progress: ProgressCallback | None, stage: str, total: int):
+    if progress is None:
+        return None
+    progress(stage, 0, total)
+    return lambda advance: progress(stage, advance, total)

@@ -1,0 +1,170 @@
+"""The `onnxq` command line.
+
+    onnxq quantize IN OUT --calib PATH [options]
+
+Exit codes: 0 the quantized model was verified and written; 2 bad input (model, data, config,
+paths) with one line on stderr and nothing written; 3 the quantized model failed verification
+(nothing written); 1 an internal error. Settings: command-line flags override the `--config`
+TOML file, which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from onnxq import model_io
+from onnxq.api import QuantResult, quantize
+from onnxq.config import (
+    ActivationType,
+    CalibrationMethod,
+    PerChannel,
+    PerTensor,
+    QuantConfig,
+    load_config,
+)
+from onnxq.errors import OnnxqError
+
+logger = logging.getLogger(__name__)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"onnxq: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxq")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each stage does (to stderr).")
+def main(verbose: bool) -> None:
+    """onnxq: post-training quantization of ONNX models for ONNX Runtime."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _split_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
+def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
+    config = load_config(config_file) if config_file is not None else QuantConfig()
+    changes = {key: value for key, value in flags.items() if value is not None and value != ()}
+    return config.replace(**changes)
+
+
+@main.command("quantize")
+@click.argument("input_path", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("output_path", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--calib", "calib", type=click.Path(path_type=Path), required=True,
+              help="Calibration data: a .npz (one array per model input, samples on axis 0) or a "
+                   "folder of .npz files, one feed each.")
+@click.option("--method", type=click.Choice([m.value for m in CalibrationMethod]), default=None,
+              help="How activation ranges are chosen from calibration statistics "
+                   "[default: mse].")
+@click.option("--percentile", type=float, default=None,
+              help="Percentile kept by --method percentile [default: 99.999].")
+@click.option("--per-tensor", is_flag=True, default=None,
+              help="One scale per weight tensor instead of one per output channel.")
+@click.option("--act-type", type=click.Choice([t.value for t in ActivationType]), default=None,
+              help="Activation type: uint8 asymmetric or int8 symmetric [default: uint8].")
+@click.option("--exclude", multiple=True,
+              help="Keep nodes float: a node name, an op type (e.g. Softmax) or a glob over node "
+                   "names ('*attention*'). Repeatable or comma-separated; one that matches "
+                   "nothing is an error.")
+@click.option("--no-activation-matmul", is_flag=True, default=None,
+              help="Leave MatMuls of two activations (attention) float.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="TOML file with the same settings (flags given here override it).")
+@click.option("--holdout", type=click.IntRange(min=0), default=None,
+              help="Calibration feeds held out to measure fidelity [default: 4].")
+@click.option("--max-feeds", type=click.IntRange(min=1), default=None,
+              help="Use at most this many calibration feeds.")
+@click.option("--min-cosine", type=float, default=None,
+              help="Fail (exit 3, nothing written) if an output's cosine to float on held-out "
+                   "feeds is below this.")
+@click.option("--seed", type=int, default=None, help="Seed of every random choice [default: 0].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress display and no summary.")
+def quantize_command(input_path: Path, output_path: Path, calib: Path, method: str | None,
+                     percentile: float | None, per_tensor: bool | None, act_type: str | None,
+                     exclude: tuple[str, ...], no_activation_matmul: bool | None,
+                     config_file: Path | None, holdout: int | None, max_feeds: int | None,
+                     min_cosine: float | None, seed: int | None, as_json: bool, quiet: bool) -> None:
+    """Quantize the float ONNX model IN to an int8 QDQ model written to OUT.
+
+    Weights of Conv, ConvTranspose, Gemm and MatMul become int8 (per channel, symmetric);
+    activations feeding them become uint8 (or int8) per tensor, with ranges calibrated by running
+    ONNX Runtime on --calib. OUT is written only after the quantized model passed the ONNX
+    checker, loaded in ONNX Runtime and was compared with the float model on held-out feeds.
+    """
+    try:
+        model_io.check_output_path(input_path, output_path)
+        config = _build_config(
+            config_file,
+            method=CalibrationMethod(method) if method else None,
+            percentile=percentile,
+            weight_granularity=PerTensor() if per_tensor else None,
+            activation_type=ActivationType(act_type) if act_type else None,
+            exclude=_split_list(exclude),
+            quantize_activation_matmul=False if no_activation_matmul else None,
+            holdout=holdout, max_feeds=max_feeds, min_cosine=min_cosine, seed=seed)
+        result = _run_with_progress(input_path, calib, config, show=not quiet and not as_json)
+        result.save(output_path)
+    except OnnxqError as error:
+        _fail(str(error), error.exit_code)
+    except Exception as error:  # a bug: still one line, with the trace when asked for
+        if os.environ.get("ONNXQ_DEBUG"):
+            raise
+        _fail(f"internal error ({type(error).__name__}: {error}); set ONNXQ_DEBUG=1 for the "
+              f"traceback", 1)
+    summary = result.summary() | {"input": str(input_path), "output": str(output_path)}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        _print_summary(summary)
+
+
+def _run_with_progress(model: Path, calib: Path, config: QuantConfig, show: bool) -> QuantResult:
+    console = Console(stderr=True)
+    if not show or not console.is_terminal:
+        return quantize(model, calib, config)
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        def progress(stage: str, advance: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.advance(tasks[stage], advance)
+        return quantize(model, calib, config, progress=progress)
+
+
+def _print_summary(summary: dict) -> None:
+    console = Console()
+    console.print(f"[bold]onnxq[/] {summary['input']} -> {summary['output']}")
+    quantized = ", ".join(f"{op} x{n}" for op, n in summary["quantized_ops"].items()) or "none"
+    left = ", ".join(f"{op} x{n}" for op, n in summary["float_ops"].items()) or "none"
+    console.print(f"  quantized: {quantized}")
+    console.print(f"  left float: {left}")
+    console.print(f"  size: {summary['float_bytes'] / 1e6:.2f} MB -> "
+                  f"{summary['quantized_bytes'] / 1e6:.2f} MB ({summary['size_ratio']:.3f}x)")
+    fidelity = summary["fidelity"]
+    table = Table(title=f"fidelity to float on {fidelity['feeds']} "
+                        f"{'held-out' if fidelity['held_out'] else 'calibration'} feeds")
+    for column in ("output", "cosine", "min cosine", "SQNR dB", "max |err|", "top-1 agree"):
+        table.add_column(column, justify="right")
+    for output in fidelity["outputs"]:
+        top1 = output["top1_agreement"]
+        table.add_row(output["name"], f"{output['cosine']:.5f}", f"{output['min_cosine']:.5f}",
+                      f"{output['sqnr_db']:.1f}", f"{output['max_abs_error']:.4g}",
+                      "-" if top1 is None else f"{top1:.3f}")
+    console.print(table)
+    seconds = summary["seconds"]
+    console.print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))

@@ -1,0 +1,201 @@
+"""Typed, frozen options of a quantization run, and their TOML form.
+
+Every option a user can set lives in `QuantConfig`. Values are validated in `__post_init__`, so
+an invalid config cannot exist. Granularity is a type (`PerTensor`, `PerChannel`), not a
+string. A TOML config file loads into the same dataclass (`load_config`) and saves back to the
+same text (`dump_config`); unknown keys are an error, never ignored.
+
+Precedence: command-line flags > config file > these defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxq.errors import ConfigError
+
+
+class CalibrationMethod(enum.Enum):
+    """How an activation tensor's clipping range is chosen from its streamed statistics."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+class ActivationType(enum.Enum):
+    """Integer type of quantized activations: uint8 asymmetric or int8 symmetric."""
+
+    UINT8 = "uint8"
+    INT8 = "int8"
+
+    @property
+    def symmetric(self) -> bool:
+        return self is ActivationType.INT8
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale (and zero point) for the whole tensor."""
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per slice along the op's output-channel axis (resolved per op by the plan)."""
+
+
+Granularity = PerTensor | PerChannel
+
+_GRANULARITY_NAMES: dict[str, Granularity] = {
+    "per_tensor": PerTensor(),
+    "per_channel": PerChannel(),
+}
+
+
+def granularity_name(granularity: Granularity) -> str:
+    return next(k for k, v in _GRANULARITY_NAMES.items() if v == granularity)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides how a model is quantized.
+
+    Attributes:
+        method: calibration method for activation ranges.
+        percentile: the percentile kept by the percentile method.
+        activation_type: uint8 asymmetric (default) or int8 symmetric activations.
+        weight_granularity: per-channel (default) or per-tensor symmetric int8 weights.
+        exclude: node names, op types or fnmatch patterns of node names kept float. Each entry
+            must match at least one node. An op type matches by equality (e.g. "Softmax"); a
+            node name by equality or by glob pattern ("*attention*").
+        quantize_activation_matmul: also quantize MatMuls whose both operands are activations
+            (attention scores and context in transformers).
+        holdout: calibration feeds held out of statistics and used to measure fidelity.
+        max_feeds: use at most this many calibration feeds (None: all).
+        seed: seed of every random choice (which feeds are held out).
+        min_cosine: fail verification (nothing written) when an output's cosine to float on
+            held-out feeds falls below this. None: report only.
+    """
+
+    method: CalibrationMethod = CalibrationMethod.MSE
+    percentile: float = 99.999
+    activation_type: ActivationType = ActivationType.UINT8
+    weight_granularity: Granularity = field(default_factory=PerChannel)
+    exclude: tuple[str, ...] = ()
+    quantize_activation_matmul: bool = True
+    holdout: int = 4
+    max_feeds: int | None = None
+    seed: int = 0
+    min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, CalibrationMethod):
+            raise ConfigError(f"method must be a CalibrationMethod, got {self.method!r}")
+        if not isinstance(self.activation_type, ActivationType):
+            raise ConfigError(f"activation_type must be an ActivationType, got {self.activation_type!r}")
+        if not isinstance(self.weight_granularity, (PerTensor, PerChannel)):
+            raise ConfigError(f"weight_granularity must be PerTensor() or PerChannel(), got "
+                              f"{self.weight_granularity!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.holdout < 0:
+            raise ConfigError(f"holdout must be >= 0, got {self.holdout}")
+        if self.max_feeds is not None and self.max_feeds < 1:
+            raise ConfigError(f"max_feeds must be >= 1, got {self.max_feeds}")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise ConfigError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
+        if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
+            raise ConfigError("exclude must be a list of strings")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def replace(self, **changes: object) -> QuantConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# --- TOML form -------------------------------------------------------------------------------
+
+_ENUM_FIELDS = {"method": CalibrationMethod, "activation_type": ActivationType}
+
+
+def config_from_dict(values: dict[str, object]) -> QuantConfig:
+    """Build a config from plain values (as TOML gives them); unknown keys are an error."""
+    known = {f.name for f in dataclasses.fields(QuantConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs: dict[str, object] = {}
+    for key, value in values.items():
+        if key in _ENUM_FIELDS:
+            enum_type = _ENUM_FIELDS[key]
+            try:
+                value = enum_type(value)
+            except ValueError:
+                choices = ", ".join(m.value for m in enum_type)
+                raise ConfigError(f"{key} = {value!r} is not one of: {choices}") from None
+        elif key == "weight_granularity":
+            if value not in _GRANULARITY_NAMES:
+                raise ConfigError(f"weight_granularity = {value!r} is not one of: "
+                                  f"{', '.join(_GRANULARITY_NAMES)}")
+            value = _GRANULARITY_NAMES[value]
+        elif key == "exclude":
+            if not isinstance(value, list):
+                raise ConfigError("exclude must be a list of strings")
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return QuantConfig(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"invalid config: {error}") from None
+
+
+def config_to_dict(config: QuantConfig) -> dict[str, object]:
+    """Plain values of a config, the inverse of `config_from_dict`; None values are left out."""
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, (PerTensor, PerChannel)):
+            value = granularity_name(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        values[f.name] = value
+    return values
+
+
+def load_config(path: str | Path) -> QuantConfig:
+    """Read a TOML config file into a `QuantConfig`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config {path} is not valid TOML: {error}") from None
+    return config_from_dict(values)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_config(config: QuantConfig) -> str:
+    """The TOML text of a config; `load_config` of it gives the same config back."""
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in config_to_dict(config).items())

@@ -1,0 +1,163 @@
+"""The numeric core of linear quantization, pure numpy.
+
+A real value x maps to an integer code q and back as
+
+    q = clip(round(x / s) + z, qmin, qmax)        x_hat = (q - z) * s
+
+with scale s > 0 and zero point z in [qmin, qmax]. Rounding is half-to-even, as in ONNX
+QuantizeLinear. Asymmetric ranges [lo, hi] (lo <= 0 <= hi) give s = (hi - lo) / (qmax - qmin)
+and z = qmin - round(lo / s), so that 0 is exactly representable. Symmetric ranges use z = 0
+(signed) and s = max|x| / qmax over the restricted range [-qmax, qmax] for weights.
+
+Per-channel scales are arrays broadcast along `axis`; every function is explicit about bits,
+signedness, axis and symmetry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# The smallest scale we emit: keeps 1/s finite for all-zero tensors.
+MIN_SCALE = float(np.finfo(np.float32).tiny) * 2**23
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """The integer grid of a quantized type."""
+
+    bits: int
+    signed: bool
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 32:
+            raise ValueError(f"bits must be in [2, 32], got {self.bits}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def dtype(self) -> np.dtype:
+        if self.bits <= 8:
+            return np.dtype(np.int8 if self.signed else np.uint8)
+        if self.bits <= 16:
+            return np.dtype(np.int16 if self.signed else np.uint16)
+        return np.dtype(np.int32 if self.signed else np.uint32)
+
+
+UINT8 = IntRange(8, signed=False)
+INT8 = IntRange(8, signed=True)
+INT32 = IntRange(32, signed=True)
+
+
+def asymmetric_params(lo: float, hi: float, grid: IntRange) -> tuple[np.float32, int]:
+    """Scale and zero point mapping [lo, hi] (widened to include 0) onto the grid."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max((hi - lo) / (grid.qmax - grid.qmin), MIN_SCALE)
+    zero_point = int(np.clip(grid.qmin - np.round(lo / scale), grid.qmin, grid.qmax))
+    return np.float32(scale), zero_point
+
+
+def symmetric_params(lo: float, hi: float, grid: IntRange) -> tuple[np.float32, int]:
+    """Scale and zero point of a symmetric activation range [-a, a], a = max(|lo|, |hi|).
+
+    Signed grids use z = 0 and spread 2a over the full grid (ORT's convention); unsigned grids
+    put the zero point in the middle.
+    """
+    amax = max(abs(float(lo)), abs(float(hi)))
+    scale = max(2.0 * amax / (grid.qmax - grid.qmin), MIN_SCALE)
+    zero_point = 0 if grid.signed else (grid.qmax + grid.qmin + 1) // 2
+    return np.float32(scale), zero_point
+
+
+def symmetric_weight_scales(weight: np.ndarray, grid: IntRange, axis: int | None) -> np.ndarray:
+    """Per-channel (axis) or per-tensor (axis None) scales s = max|w| / qmax, as float32.
+
+    Uses the restricted range [-qmax, qmax], so that -w quantizes like w.
+    """
+    absolute = np.abs(weight.astype(np.float64))
+    if axis is None:
+        amax = np.asarray(absolute.max() if absolute.size else 0.0)
+    else:
+        reduce_axes = tuple(i for i in range(weight.ndim) if i != axis % weight.ndim)
+        amax = absolute.max(axis=reduce_axes) if reduce_axes else absolute
+    return np.maximum(amax / grid.qmax, MIN_SCALE).astype(np.float32)
+
+
+def _broadcast(values: np.ndarray | float, ndim: int, axis: int | None) -> np.ndarray:
+    values = np.asarray(values)
+    if axis is None or values.ndim == 0:
+        return values
+    shape = [1] * ndim
+    shape[axis % ndim] = values.size
+    return values.reshape(shape)
+
+
+def quantize(
+    x: np.ndarray,
+    scale: np.ndarray | float,
+    zero_point: np.ndarray | int,
+    grid: IntRange,
+    axis: int | None = None,
+) -> np.ndarray:
+    """Integer codes of x, as ONNX QuantizeLinear computes them (round half to even, saturate)."""
+    s = _broadcast(np.asarray(scale, np.float32), x.ndim, axis)
+    z = _broadcast(np.asarray(zero_point, np.int64), x.ndim, axis)
+    codes = np.round(x.astype(np.float32) / s).astype(np.int64) + z
+    return np.clip(codes, grid.qmin, grid.qmax).astype(grid.dtype)
+
+
+def dequantize(
+    q: np.ndarray,
+    scale: np.ndarray | float,
+    zero_point: np.ndarray | int,
+    axis: int | None = None,
+) -> np.ndarray:
+    """Real values (q - z) * s, as ONNX DequantizeLinear computes them, in float32."""
+    s = _broadcast(np.asarray(scale, np.float32), q.ndim, axis)
+    z = _broadcast(np.asarray(zero_point, np.int64), q.ndim, axis)
+    return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
+
+
+def fake_quantize(x, scale, zero_point, grid: IntRange, axis: int | None = None) -> np.ndarray:
+    """dequantize(quantize(x)): the value a quantized model sees in place of x."""
+    return dequantize(quantize(x, scale, zero_point, grid, axis), scale, zero_point, axis)
+
+
+def quantize_bias(bias: np.ndarray, input_scale: float, weight_scales: np.ndarray) -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """int32 bias codes and their scales s_x * s_w (per output channel), zero point 0."""
+    scales = (np.float32(input_scale) * weight_scales.astype(np.float32)).astype(np.float32)
+    scales = np.maximum(scales, MIN_SCALE).astype(np.float32)
+    codes = np.round(bias.astype(np.float64) / scales.astype(np.float64))
+    codes = np.clip(codes, INT32.qmin, INT32.qmax).astype(np.int32)
+    return codes, scales
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two tensors, flattened, in float64 (1.0 when both are zero)."""
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    denominator = np.linalg.norm(a) * np.linalg.norm(b)
+    if denominator == 0.0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return float(np.dot(a, b) / denominator)
+
+
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(|ref|^2 / |ref - approx|^2), in dB."""
+    reference = reference.astype(np.float64)
+    noise = np.sum((reference - approximation.astype(np.float64)) ** 2)
+    signal = np.sum(reference**2)
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal / noise))

@@ -1,0 +1,74 @@
+"""The quantization plan: what to quantize, decided before any node is created.
+
+`annotate` (passes/annotate.py) fills a `QuantPlan` from a prepared model and a config; the
+calibration, search and emit stages all read this one object. Tensors are referred to by their
+names in the prepared model, as labels only: the emitter finds the values again by name in the
+very graph the plan was made from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from onnxq.numerics import IntRange
+
+
+@dataclass(frozen=True)
+class ActivationGroup:
+    """Activation tensors that share one scale and zero point.
+
+    A chain such as Conv -> Relu -> MaxPool is one group: ORT then removes the Q/DQ pairs
+    between them. `stats_tensor` is the group's last tensor, whose range covers what the
+    chain passes on (the Relu's clamp included).
+    """
+
+    tensors: tuple[str, ...]
+    stats_tensor: str
+    grid: IntRange
+    symmetric: bool
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """A constant weight input of a compute node, quantized symmetric per channel (or tensor)."""
+
+    tensor: str
+    node: str
+    input_index: int
+    axis: int | None
+    grid: IntRange
+
+
+@dataclass(frozen=True)
+class BiasQuant:
+    """A bias input quantized to int32 with scale s_input * s_weight and zero point 0."""
+
+    tensor: str
+    node: str
+    input_index: int
+    activation: str
+    weight: str
+
+
+@dataclass
+class QuantPlan:
+    """Everything the later stages need to know about what gets quantized and why not."""
+
+    activation_groups: list[ActivationGroup] = field(default_factory=list)
+    weights: list[WeightQuant] = field(default_factory=list)
+    biases: list[BiasQuant] = field(default_factory=list)
+    quantized_nodes: dict[str, str] = field(default_factory=dict)
+    float_nodes: dict[str, str] = field(default_factory=dict)
+    float_reasons: dict[str, str] = field(default_factory=dict)
+
+    def group_of(self, tensor: str) -> ActivationGroup:
+        for group in self.activation_groups:
+            if tensor in group.tensors:
+                return group
+        raise KeyError(f"tensor {tensor} is not a quantized activation")
+
+    @property
+    def stats_tensors(self) -> list[str]:
+        """The tensors whose statistics calibration must collect."""
+        return [group.stats_tensor for group in self.activation_groups]

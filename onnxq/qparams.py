@@ -1,0 +1,66 @@
+"""Quantization parameters: the numbers calibration and search choose, and emit writes.
+
+Kept apart from the plan (which decides *what* is quantized) so that searchers can propose
+new parameters for a fixed plan. Weights carry their integer codes: the emitter writes the
+codes a searcher chose, never re-rounding them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxq import numerics
+from onnxq.plan import QuantPlan, WeightQuant
+
+
+@dataclass(frozen=True)
+class ActivationParams:
+    """Per-tensor scale and zero point of an activation group, and the range they came from."""
+
+    scale: np.float32
+    zero_point: int
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
+class WeightParams:
+    """Scales (per channel or scalar), zero points and the integer codes of one weight."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    codes: np.ndarray
+
+    def dequantized(self, axis: int | None) -> np.ndarray:
+        return numerics.dequantize(self.codes, self.scale, self.zero_point, axis)
+
+
+@dataclass
+class QParams:
+    """All parameters of a plan: activation groups keyed by their stats tensor; weights by the
+    plan's `WeightQuant`."""
+
+    activations: dict[str, ActivationParams] = field(default_factory=dict)
+    weights: dict[WeightQuant, WeightParams] = field(default_factory=dict)
+
+
+def round_to_nearest_weight(weight: np.ndarray, spec: WeightQuant) -> WeightParams:
+    """Symmetric min-max scales and round-to-nearest codes for one weight."""
+    scale = numerics.symmetric_weight_scales(weight, spec.grid, spec.axis)
+    zero_point = np.zeros(scale.shape, dtype=spec.grid.dtype)
+    codes = numerics.quantize(weight, scale, zero_point, spec.grid, spec.axis)
+    return WeightParams(scale, zero_point, codes)
+
+
+def activation_params(lo: float, hi: float, plan_group) -> ActivationParams:
+    """Scale / zero point for a group's clipping range."""
+    make = numerics.symmetric_params if plan_group.symmetric else numerics.asymmetric_params
+    scale, zero_point = make(lo, hi, plan_group.grid)
+    return ActivationParams(scale, zero_point, float(lo), float(hi))
+
+
+def weight_params_for(plan: QuantPlan, weights: dict[str, np.ndarray]) -> dict[WeightQuant, WeightParams]:
+    """Round-to-nearest parameters for every weight of a plan."""
+    return {spec: round_to_nearest_weight(weights[spec.tensor], spec) for spec in plan.weights}

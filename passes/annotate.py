@@ -1,0 +1,164 @@
+"""Annotate: decide what to quantize and build the `QuantPlan`. Changes nothing in the graph.
+
+One walk in topological order, driven by the op table (passes/op_table.py):
+
+    compute node  -> its activation inputs (and, for Conv-like ops, its output) are quantized;
+                     its constant weight per channel, its 1-D bias as int32
+    chain node    -> when its input is quantized and feeds it alone, its output joins the
+                     input's group (shared scale / zero point)
+    join node     -> quantized when all its activation inputs are; then so is its output
+
+Nodes matched by `config.exclude` (node name, op type, or a glob over node names) stay float;
+an entry that matches no node is an error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import onnx_ir as ir
+
+from onnxq.config import ActivationType, PerTensor, QuantConfig
+from onnxq.errors import ConfigError
+from onnxq.numerics import INT8, UINT8
+from onnxq.passes.op_table import OpKind, activation_input_indices, rule_for, weight_axis
+from onnxq.plan import ActivationGroup, BiasQuant, QuantPlan, WeightQuant
+
+logger = logging.getLogger(__name__)
+
+
+def excluded_nodes(graph: ir.Graph, patterns: tuple[str, ...]) -> dict[str, str]:
+    """Node name -> the exclude entry that matched it; an entry matching nothing is an error."""
+    matched: dict[str, str] = {}
+    for pattern in patterns:
+        hits = [node.name for node in graph
+                if node.op_type == pattern or node.name == pattern
+                or fnmatch.fnmatchcase(node.name or "", pattern)]
+        if not hits:
+            raise ConfigError(f"exclude entry {pattern!r} matches no node name or op type")
+        for name in hits:
+            matched.setdefault(name, pattern)
+    return matched
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+class _Groups:
+    """Union of tensors into shared-parameter chains (each chain has a head and a tail)."""
+
+    def __init__(self) -> None:
+        self.tail_of: dict[str, str] = {}
+        self.members: dict[str, list[str]] = {}
+
+    def add(self, tensor: str) -> None:
+        if tensor not in self.tail_of:
+            self.tail_of[tensor] = tensor
+            self.members[tensor] = [tensor]
+
+    def extend(self, tensor: str, successor: str) -> None:
+        """Join the chain that ends in `tensor` with `successor` (new, or a chain's head)."""
+        self.add(successor)
+        members = self.members.pop(self.tail_of[tensor]) + self.members.pop(self.tail_of[successor])
+        tail = members[-1]
+        self.members[tail] = members
+        for member in members:
+            self.tail_of[member] = tail
+
+    def __contains__(self, tensor: str) -> bool:
+        return tensor in self.tail_of
+
+
+def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
+    """Build the plan for a prepared model (nodes named, constants as initializers)."""
+    graph = model.graph
+    excluded = excluded_nodes(graph, config.exclude)
+    activation_grid = INT8 if config.activation_type is ActivationType.INT8 else UINT8
+    per_tensor = isinstance(config.weight_granularity, PerTensor)
+    plan = QuantPlan()
+    groups = _Groups()
+
+    # Compute nodes first: their inputs are quantized whatever comes before them.
+    for node in graph:
+        rule = rule_for(node)
+        if node.name in excluded or rule is None or rule.kind is not OpKind.COMPUTE:
+            continue
+        weight = node.inputs[rule.weight_input] if rule.weight_input is not None else None
+        if node.op_type == "MatMul":
+            if _is_constant(node.inputs[0]):
+                plan.float_reasons[node.name] = "constant first operand"
+                continue
+            if not _is_constant(weight) and not config.quantize_activation_matmul:
+                plan.float_reasons[node.name] = "activation x activation MatMul (option off)"
+                continue
+        elif not _is_constant(weight):
+            plan.float_reasons[node.name] = "weight is not a constant"
+            continue
+        plan.quantized_nodes[node.name] = node.op_type
+        for index in rule.activation_inputs:
+            value = node.inputs[index]
+            if value is not None and not _is_constant(value):
+                groups.add(value.name)
+        if _is_constant(weight):
+            axis = None if per_tensor else weight_axis(node) % len(weight.const_value.shape)
+            plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis, INT8))
+            bias = node.inputs[rule.bias_input] if (rule.bias_input is not None
+                                                     and len(node.inputs) > rule.bias_input) else None
+            if _is_constant(bias) and len(bias.const_value.shape) == 1:
+                plan.biases.append(BiasQuant(bias.name, node.name, rule.bias_input,
+                                             node.inputs[0].name, weight.name))
+        if rule.quantize_output:
+            groups.add(node.outputs[0].name)
+
+    # Chains and joins, in topological order, so each sees its producers decided.
+    for node in graph:
+        rule = rule_for(node)
+        if node.name in plan.quantized_nodes:
+            continue
+        if node.name in excluded:
+            plan.float_nodes[node.name] = node.op_type
+            plan.float_reasons[node.name] = f"excluded by {excluded[node.name]!r}"
+            continue
+        if rule is None:
+            plan.float_nodes[node.name] = node.op_type
+            plan.float_reasons.setdefault(node.name, "no integer kernel")
+            continue
+        if rule.kind is OpKind.CHAIN:
+            source = node.inputs[0]
+            output = node.outputs[0]
+            if (source is not None and source.name in groups and len(source.uses()) == 1
+                    and not source.is_graph_output()):
+                groups.extend(source.name, output.name)
+                plan.quantized_nodes[node.name] = node.op_type
+                continue
+        elif rule.kind is OpKind.JOIN:
+            inputs = [node.inputs[i] for i in activation_input_indices(node, rule)
+                      if i < len(node.inputs) and node.inputs[i] is not None]
+            if inputs and all(not _is_constant(v) and v.name in groups for v in inputs):
+                groups.add(node.outputs[0].name)
+                plan.quantized_nodes[node.name] = node.op_type
+                continue
+        plan.float_nodes[node.name] = node.op_type
+        plan.float_reasons.setdefault(node.name, "inputs not quantized")
+    for reason_node in list(plan.float_reasons):
+        if reason_node in plan.quantized_nodes:
+            del plan.float_reasons[reason_node]
+
+    values = {v.name: v for v in _all_values(graph)}
+    for tail, members in groups.members.items():
+        consumers = sorted({use.node.name for m in members for use in values[m].uses()})
+        plan.activation_groups.append(ActivationGroup(
+            tensors=tuple(members), stats_tensor=tail, grid=activation_grid,
+            symmetric=config.activation_type.symmetric, consumers=tuple(consumers)))
+    logger.info("plan: %d nodes quantized, %d float, %d activation groups, %d weights",
+                len(plan.quantized_nodes), len(plan.float_nodes), len(plan.activation_groups),
+                len(plan.weights))
+    return plan
+
+
+def _all_values(graph: ir.Graph):
+    yield from graph.inputs
+    for node in graph:
+        yield from node.outputs

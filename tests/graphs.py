@@ -1,0 +1,69 @@
+"""Small hand-built ONNX graphs for pass and pipeline tests (3-12 nodes, seeded weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _model(nodes, inputs, outputs, initializers, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _init(name: str, array: np.ndarray) -> TensorProto:
+    return numpy_helper.from_array(array.astype(np.float32), name)
+
+
+def small_cnn(seed: int = 0, batchnorm: bool = True) -> onnx.ModelProto:
+    """x -> Conv -> [BN] -> Relu -> MaxPool -> Conv -> Add(residual) -> GAP -> Flatten -> Gemm."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        _init("w1", rng.normal(0, 0.3, (8, 3, 3, 3))), _init("b1", rng.normal(0, 0.1, 8)),
+        _init("w2", rng.normal(0, 0.2, (8, 8, 3, 3))), _init("b2", rng.normal(0, 0.1, 8)),
+        _init("fc_w", rng.normal(0, 0.3, (10, 8))), _init("fc_b", rng.normal(0, 0.1, 10)),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1])]
+    source = "c1"
+    if batchnorm:
+        inits += [_init("gamma", rng.uniform(0.5, 1.5, 8)), _init("beta", rng.normal(0, 0.1, 8)),
+                  _init("mean", rng.normal(0, 0.1, 8)), _init("var", rng.uniform(0.5, 2.0, 8))]
+        nodes.append(helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"],
+                                      ["bn1"], name="bn1", epsilon=1e-5))
+        source = "bn1"
+    nodes += [
+        helper.make_node("Relu", [source], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "p1"], ["a1"], name="add1"),
+        helper.make_node("GlobalAveragePool", ["a1"], ["g1"], name="gap"),
+        helper.make_node("Flatten", ["g1"], ["f1"], name="flatten"),
+        helper.make_node("Gemm", ["f1", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+
+
+def small_cnn_feeds(count: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(count)]
+
+
+def tiny_attention(seed: int = 0) -> onnx.ModelProto:
+    """x -> MatMul(Wq), MatMul(Wk) -> MatMul(q, k^T) -> Softmax -> MatMul(., x) -> out."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("wq", rng.normal(0, 0.3, (16, 16))), _init("wk", rng.normal(0, 0.3, (16, 16)))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "x"], ["out"], name="context"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 16])],
+                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, "T", 16])], inits)
