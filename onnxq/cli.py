@@ -26,7 +26,6 @@ from onnxq.api import QuantResult, quantize
 from onnxq.config import (
     ActivationType,
     CalibrationMethod,
-    PerChannel,
     PerTensor,
     QuantConfig,
     load_config,

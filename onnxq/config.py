@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from onnxq.errors import ConfigError
 

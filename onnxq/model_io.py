@@ -43,7 +43,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise ModelError(f"{path} is not an ONNX model (no graph, or a graph with no nodes)")
     try:
         onnx.load_external_data_for_model(proto, str(path.parent))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, onnx.checker.ValidationError) as error:
         raise ModelError(f"{path}: cannot read its external weight data ({error})") from None
     check_model(proto, str(path))
     return proto
@@ -104,14 +104,14 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 
 
 def check_output_path(input_path: str | Path | None, output_path: str | Path) -> Path:
-    """Refuse an output path that is the input, a folder, or in a missing folder."""
+    """Refuse an output path that is the input or a folder (missing folders are made later)."""
     output_path = Path(output_path)
     if input_path is not None and same_file(input_path, output_path):
         raise OnnxqError(f"output path {output_path} is the input model; choose another path")
     if output_path.is_dir():
         raise OnnxqError(f"output path {output_path} is a folder; give a file name")
-    if not output_path.parent.is_dir():
-        raise OnnxqError(f"output folder {output_path.parent} does not exist")
+    if output_path.parent.exists() and not output_path.parent.is_dir():
+        raise OnnxqError(f"output folder {output_path.parent} is not a folder")
     return output_path
 
 
@@ -122,6 +122,7 @@ def save_model_atomic(proto: onnx.ModelProto, path: str | Path) -> Path:
     the model (also through a temporary name).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     external = proto.ByteSize() > _EXTERNAL_THRESHOLD
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxq import numerics
-from onnxq.plan import QuantPlan, WeightQuant
+from onnxq.plan import ActivationGroup, QuantPlan, WeightQuant
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,15 @@ def round_to_nearest_weight(weight: np.ndarray, spec: WeightQuant) -> WeightPara
     return WeightParams(scale, zero_point, codes)
 
 
-def activation_params(lo: float, hi: float, plan_group) -> ActivationParams:
-    """Scale / zero point for a group's clipping range."""
-    make = numerics.symmetric_params if plan_group.symmetric else numerics.asymmetric_params
+def activation_params(lo: float, hi: float, plan_group: ActivationGroup) -> ActivationParams:
+    """Scale / zero point for a group's clipping range.
+
+    A symmetric group whose values are never negative (after Relu / Clip at 0) uses the whole
+    grid from zero up (zero point at qmin): twice the resolution, and ORT can then drop the
+    Relu / Clip in front of the Q.
+    """
+    symmetric = plan_group.symmetric and lo < 0
+    make = numerics.symmetric_params if symmetric else numerics.asymmetric_params
     scale, zero_point = make(lo, hi, plan_group.grid)
     return ActivationParams(scale, zero_point, float(lo), float(hi))
 

@@ -1,0 +1,145 @@
+"""Graph passes on small graphs: what they change, that they say so, and that ORT agrees."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphs import small_cnn, small_cnn_feeds, tiny_attention
+from onnxq.config import ActivationType, QuantConfig
+from onnxq.errors import ConfigError
+from onnxq.kernels import integer_kernel_counts, optimized_op_counts
+from onnxq.passes import prepare
+from onnxq.passes.annotate import annotate
+from onnxq.passes.fold_batchnorm import FoldBatchNormPass
+from onnxq.passes.insert_qdq import InsertQDQPass
+from onnxq.passes.upgrade_opset import UpgradeOpsetPass
+from onnxq.qparams import ActivationParams, QParams, activation_params, weight_params_for
+
+
+def _run(proto: onnx.ModelProto, feed):
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def test_fold_batchnorm_keeps_outputs_and_reports_modified():
+    proto = small_cnn(batchnorm=True)
+    model = ir.from_proto(proto)
+    result = FoldBatchNormPass()(model)
+    assert result.modified
+    assert "BatchNormalization" not in {n.op_type for n in result.model.graph}
+    feed = small_cnn_feeds(1)[0]
+    folded = _run(ir.to_proto(result.model), feed)[0]
+    np.testing.assert_allclose(folded, _run(proto, feed)[0], rtol=1e-4, atol=1e-5)
+    assert not FoldBatchNormPass()(result.model).modified  # nothing left to fold
+
+
+def test_fold_batchnorm_leaves_shared_conv_output_alone():
+    proto = small_cnn(batchnorm=True)
+    proto.graph.output.append(helper.make_tensor_value_info("c1", TensorProto.FLOAT, None))
+    assert not FoldBatchNormPass()(ir.from_proto(proto)).modified
+
+
+def test_upgrade_opset_from_11():
+    weight = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]),
+         helper.make_node("Clip", ["m"], ["y"], min=0.0, max=6.0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [weight])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)], ir_version=7)
+    result = UpgradeOpsetPass(13)(ir.from_proto(proto))
+    assert result.modified
+    assert result.model.opset_imports[""] == 13
+    feed = {"x": np.array([[-3.0, 5.0]], np.float32)}
+    np.testing.assert_allclose(_run(ir.to_proto(result.model), feed)[0], [[2.0, 2.0, 2.0]])
+    assert not UpgradeOpsetPass(13)(result.model).modified
+
+
+def test_annotate_cnn_chains_and_joins():
+    model = prepare(ir.from_proto(small_cnn()))
+    plan = annotate(model, QuantConfig())
+    ops = sorted(plan.quantized_nodes.values())
+    assert ops == sorted(["Conv", "Conv", "Relu", "MaxPool", "Add", "GlobalAveragePool",
+                          "Flatten", "Gemm"])
+    assert not plan.float_nodes
+    # conv1 -> relu -> maxpool share one group, measured at the MaxPool output
+    chain = plan.group_of("p1")
+    assert len(chain.tensors) == 3 and chain.stats_tensor == "p1"
+    assert {w.tensor.split("_")[0] for w in plan.weights} == {"w1", "w2", "fc"}
+    assert all(w.axis == 0 for w in plan.weights)  # Gemm with transB: axis 0
+    assert len(plan.biases) == 3
+
+
+def test_annotate_exclude_by_op_type_name_and_glob():
+    model = prepare(ir.from_proto(small_cnn()))
+    plan = annotate(model, QuantConfig(exclude=("Add", "conv*")))
+    assert set(plan.float_nodes) >= {"add1", "conv1", "conv2"}
+    assert "excluded" in plan.float_reasons["add1"]
+    with pytest.raises(ConfigError, match="matches no node"):
+        annotate(model, QuantConfig(exclude=("LayerNormalization",)))
+
+
+def test_annotate_attention_leaves_softmax_float():
+    model = prepare(ir.from_proto(tiny_attention()))
+    plan = annotate(model, QuantConfig())
+    assert set(plan.quantized_nodes) == {"q_proj", "k_proj", "scores", "context"}
+    # the MatMul output feeding the Transpose is float: the Transpose output is quantized
+    assert plan.float_nodes == {"softmax": "Softmax", "k_t": "Transpose"}
+    assert "kt" in plan.group_of("kt").tensors
+    off = annotate(model, QuantConfig(quantize_activation_matmul=False))
+    assert set(off.quantized_nodes) == {"q_proj", "k_proj"}
+
+
+def _minmax_qparams(model, plan, proto, feeds):
+    """Min/max ranges measured by running ORT with the group tensors exposed."""
+    from onnxq.calibrate import expose_tensors
+    names = plan.stats_tensors
+    session = ort.InferenceSession(expose_tensors(proto, names).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    lows, highs = {n: 0.0 for n in names}, {n: 0.0 for n in names}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed), strict=True):
+            lows[name], highs[name] = min(lows[name], value.min()), max(highs[name], value.max())
+    weights = {w.tensor: model.graph.initializers[w.tensor].const_value.numpy() for w in plan.weights}
+    acts: dict[str, ActivationParams] = {
+        g.stats_tensor: activation_params(lows[g.stats_tensor], highs[g.stats_tensor], g)
+        for g in plan.activation_groups}
+    return QParams(acts, weight_params_for(plan, weights))
+
+
+@pytest.mark.parametrize("act_type", list(ActivationType))
+def test_insert_qdq_runs_integer_kernels_and_stays_close(act_type):
+    proto = small_cnn()
+    model = prepare(ir.from_proto(proto))
+    plan = annotate(model, QuantConfig(activation_type=act_type))
+    feeds = small_cnn_feeds(16)
+    qparams = _minmax_qparams(model, plan, ir.to_proto(model), feeds)
+    result = InsertQDQPass(plan, qparams)(model)
+    assert result.modified
+    quantized = ir.to_proto(result.model)
+    onnx.checker.check_model(quantized)
+    kernels = integer_kernel_counts(optimized_op_counts(quantized))
+    assert kernels.get("QGemm") == 1
+    if act_type is ActivationType.UINT8:  # the whole chain is integer
+        assert kernels.get("QLinearConv") == 2
+        assert kernels.get("QLinearAdd") == 1
+    else:
+        assert kernels.get("QLinearConv", 0) >= 1
+    for feed in feeds[:4]:
+        reference, got = _run(proto, feed)[0], _run(quantized, feed)[0]
+        cosine = float(np.dot(reference.ravel(), got.ravel())
+                       / np.linalg.norm(reference) / np.linalg.norm(got))
+        assert cosine > 0.995
+
+
+def test_insert_qdq_writes_the_given_codes():
+    model = prepare(ir.from_proto(small_cnn()))
+    plan = annotate(model, QuantConfig())
+    qparams = _minmax_qparams(model, plan, ir.to_proto(model), small_cnn_feeds(4))
+    quantized = InsertQDQPass(plan, qparams)(model).model
+    for spec, params in qparams.weights.items():
+        written = quantized.graph.initializers[f"{spec.tensor}_{spec.node}_quantized"]
+        np.testing.assert_array_equal(written.const_value.numpy(), params.codes)
