@@ -25,7 +25,8 @@ from onnxq.config import QuantConfig, config_to_dict
 from onnxq.data import CalibrationSet, open_calibration
 from onnxq.emit import emit
 from onnxq.passes import prepare
-from onnxq.passes.annotate import annotate
+from onnxq.passes.annotate import annotate, excluded_nodes
+from onnxq.passes.smooth import SmoothMatMulInputsPass, smoothing_candidates
 from onnxq.plan import QuantPlan
 from onnxq.qparams import QParams, weight_params_for
 from onnxq.verify import FidelityReport, verify
@@ -124,6 +125,8 @@ def quantize(
         feeds = feeds.subset(range(config.max_feeds))
     calibration, held_out = feeds.split(config.holdout, np.random.default_rng(config.seed))
     prepared = prepare(model_io.to_ir(proto))
+    if config.smooth:
+        _smooth(prepared, calibration, config)
     plan = annotate(prepared, config)
     seconds["prepare"] = time.perf_counter() - start
 
@@ -146,6 +149,15 @@ def quantize(
         model=quantized, plan=plan, qparams=qparams, config=config, fidelity=fidelity,
         calibration_feeds=len(calibration), float_bytes=proto.ByteSize(),
         quantized_bytes=quantized.ByteSize(), seconds=seconds, source=source)
+
+
+def _smooth(model: ir.Model, calibration: CalibrationSet, config: QuantConfig) -> None:
+    """SmoothQuant on the inputs of weight MatMuls, from their per-channel ranges."""
+    skip = frozenset(excluded_nodes(model.graph, config.exclude))
+    candidates = smoothing_candidates(model, skip)
+    if candidates:
+        absmax = calibrate.collect_channel_absmax(model_io.to_proto(model), candidates, calibration)
+        SmoothMatMulInputsPass(absmax, config.smooth_alpha, skip)(model)
 
 
 def _stage(progress: ProgressCallback | None, stage: str, total: int):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -58,6 +59,21 @@ def collect_statistics(
         if progress is not None:
             progress(1)
     return stats
+
+
+def collect_channel_absmax(proto: onnx.ModelProto, tensors: Sequence[str],
+                           feeds: Iterable[Feed]) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each tensor, over all feeds (for SmoothQuant)."""
+    names = list(dict.fromkeys(tensors))
+    absmax: dict[str, np.ndarray] = {}
+    if not names:
+        return absmax
+    session = create_session(expose_tensors(proto, names), "the calibration model")
+    for feed in feeds:
+        for name, array in zip(names, session.run(names, feed), strict=True):
+            channels = np.abs(array.reshape(-1, array.shape[-1])).max(axis=0)
+            absmax[name] = channels if name not in absmax else np.maximum(absmax[name], channels)
+    return absmax
 
 
 def activation_qparams(plan: QuantPlan, stats: dict[str, TensorStatistics],

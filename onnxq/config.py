@@ -76,6 +76,9 @@ class QuantConfig:
             node name by equality or by glob pattern ("*attention*").
         quantize_activation_matmul: also quantize MatMuls whose both operands are activations
             (attention scores and context in transformers).
+        smooth: apply SmoothQuant to the inputs of MatMuls with constant weights (moves
+            per-channel activation outliers into the weights; exact in float).
+        smooth_alpha: SmoothQuant's migration strength, in [0, 1].
         holdout: calibration feeds held out of statistics and used to measure fidelity.
         max_feeds: use at most this many calibration feeds (None: all).
         seed: seed of every random choice (which feeds are held out).
@@ -89,6 +92,8 @@ class QuantConfig:
     weight_granularity: Granularity = field(default_factory=PerChannel)
     exclude: tuple[str, ...] = ()
     quantize_activation_matmul: bool = True
+    smooth: bool = True
+    smooth_alpha: float = 0.8
     holdout: int = 4
     max_feeds: int | None = None
     seed: int = 0
@@ -104,6 +109,8 @@ class QuantConfig:
                               f"{self.weight_granularity!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.holdout < 0:
             raise ConfigError(f"holdout must be >= 0, got {self.holdout}")
         if self.max_feeds is not None and self.max_feeds < 1:

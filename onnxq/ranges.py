@@ -14,7 +14,7 @@ percentile (p, default 99.999)
     Asymmetric: ``lo`` = the (100 - p)-th and ``hi`` = the p-th percentile of x; symmetric:
     ``a`` = the p-th percentile of ``|x|``. Percentiles come from the cumulative histogram,
     interpolating linearly inside the bin where it crosses ``p/100 * N`` (error below one bin
-    width).
+    width where the data are dense; the ``|x|`` histogram is coarsened to ``num_bins``).
 
 entropy (KL divergence, TensorRT's calibrator)
     For a candidate window of bins ``[s, e)``, the reference distribution ``P`` is ``h[s:e]``
@@ -23,10 +23,12 @@ entropy (KL divergence, TensorRT's calibrator)
     window of ``W`` bins goes to group ``floor(j * Q_bins / W)``) and spreads each group's mass
     evenly over its non-empty bins. Both are normalised and the window minimising
     ``KL(P || Q) = sum P log(P / Q)`` is kept (the widest on ties); ``KL`` is infinite when an
-    end bin is empty but has outliers beyond it. Every window of a 1-D search is evaluated at
-    once from cumulative sums, in O(Q_bins) each, on a histogram coarsened to <= 2048 bins.
+    end bin is empty but has outliers beyond it. Windows are at least ``Q_bins`` bins and, as
+    TensorRT's smallest threshold of 128 of 2048 bins, 1/16 of the histogram wide. Every window
+    of a 1-D search is evaluated at once from cumulative sums, in O(Q_bins) each, on a
+    histogram coarsened to <= 2048 bins.
 
-    * symmetric: TensorRT's search on ``|x|``: windows ``[0, e)`` for every ``e >= Q_bins``,
+    * symmetric: TensorRT's search on ``|x|``: windows ``[0, e)`` for every possible ``e``,
       ``Q_bins = (num_levels + 1) // 2`` (128 for 8 bits: the integer levels covering
       ``[0, a]``); range ``[-T, T]``. As in TensorRT, the first bin's count is replaced by the
       second's so that a spike of exact zeros (ReLU, padding) does not dominate.
@@ -45,8 +47,8 @@ mse
     histogram with values uniform inside each bin. With step ``d = (hi - lo) / num_levels``
     and grid points ``k * d`` (zero representable), the pointwise error is
     ``(lo - x)^2`` below ``lo``, ``(x - hi)^2`` above ``hi`` and ``(x - d round(x / d))^2``
-    inside, whose antiderivative is, exactly (not the ``d^2 / 12`` approximation, so values
-    at zero cost nothing, as on the real grid),
+    inside, whose antiderivative is, exactly (no ``d^2 / 12`` approximation: a bin narrower
+    than the step is charged its real rounding error on the grid),
 
         F(x) = d^3 R(c(x) / d) + ((max(x, hi) - hi)^3 - (lo - min(x, lo))^3) / 3,
         R(v) = floor(v + 1/2) / 12 + ((frac(v + 1/2) - 1/2)^3 + 1/8) / 3,
@@ -55,7 +57,10 @@ mse
     ``n (F(r) - F(l)) / (r - l)``. Candidates are ``num_candidates`` shrink factors ``f`` from
     1 down to ``min_shrink``: symmetric ``f * [-a, a]``; asymmetric ``[f_lo * min, f_hi * max]``
     with the two factors searched by coordinate descent as for entropy. The smallest error
-    wins (the widest range on ties).
+    wins (the widest range on ties). A symmetric grid is modelled as ``k * 2a / num_levels``
+    too. Exact zeros (ReLU) are spread over their bin ``[0, w)`` like any value, costing up to
+    ``w^2 / 3`` each where the real grid costs nothing; that is the same for every candidate
+    while ``w`` is well below the step, so it barely moves the choice.
 
 Degenerate statistics: with no finite values the range is ``(0.0, 0.0)``; when all values equal
 one ``v`` it is ``(min(v, 0), max(v, 0))`` (symmetric ``(-|v|, |v|)``), so ``(0.0, 0.0)`` for an
@@ -86,9 +91,7 @@ def compute_range(
     if method == "minmax":
         return minmax_range(stats, num_levels=num_levels, symmetric=symmetric)
     if method == "percentile":
-        return percentile_range(
-            stats, num_levels=num_levels, symmetric=symmetric, percentile=percentile
-        )
+        return percentile_range(stats, num_levels=num_levels, symmetric=symmetric, percentile=percentile)
     if method == "entropy":
         return entropy_range(stats, num_levels=num_levels, symmetric=symmetric)
     if method == "mse":
@@ -96,9 +99,7 @@ def compute_range(
     raise ValueError(f"unknown range method {method!r}; expected one of {', '.join(METHODS)}")
 
 
-def minmax_range(
-    stats: TensorStatistics, *, num_levels: int, symmetric: bool
-) -> tuple[float, float]:
+def minmax_range(stats: TensorStatistics, *, num_levels: int, symmetric: bool) -> tuple[float, float]:
     """``[min, max]`` of the data, widened to hold 0 (symmetric: ``[-max|x|, max|x|]``)."""
     _check_levels(num_levels)
     if stats.count == 0:
@@ -141,7 +142,7 @@ def entropy_range(
         if hist.size > 1:
             hist[0] = hist[1]  # TensorRT: a spike of exact zeros must not dominate
         quant_bins = min((num_levels + 1) // 2 if symmetric else num_levels + 1, hist.size)
-        ends = np.arange(quant_bins, hist.size + 1)
+        ends = np.arange(max(quant_bins, hist.size // 16), hist.size + 1)
         kl = _window_kl(hist, np.zeros_like(ends), ends, quant_bins)
         t = min(float(edges[ends[_last_argmin(kl)]]), _abs_max(stats))
         if symmetric:
@@ -151,7 +152,8 @@ def entropy_range(
     hist = counts.astype(np.float64)
     zero = int(np.searchsorted(edges, 0.0))  # zero is a bin edge: edges[zero] == 0
     quant_bins = min(num_levels + 1, hist.size)
-    start, end = _two_sided_kl_window(hist, zero, quant_bins)
+    min_width = max(quant_bins, hist.size // 16)
+    start, end = _two_sided_kl_window(hist, zero, quant_bins, min_width)
     lo = max(float(edges[start]), stats.min)
     hi = min(float(edges[end]), stats.max)
     return _finish(lo, hi, symmetric)
@@ -170,8 +172,7 @@ def mse_range(
     _check_levels(num_levels)
     if num_candidates < 1 or not 0.0 < min_shrink <= 1.0:
         raise ValueError(
-            "need num_candidates >= 1 and 0 < min_shrink <= 1, "
-            f"got {num_candidates} and {min_shrink}"
+            f"need num_candidates >= 1 and 0 < min_shrink <= 1, got {num_candidates} and {min_shrink}"
         )
     _require_histogram(stats, "mse")
     lo, hi = minmax_range(stats, num_levels=num_levels, symmetric=symmetric)
@@ -186,13 +187,9 @@ def mse_range(
     lo_candidates, hi_candidates = factors * lo, factors * hi
     for _ in range(_MAX_ROUNDS):
         previous = (lo, hi)
-        errors = _expected_sq_error(
-            edges, counts, np.full_like(factors, lo), hi_candidates, num_levels
-        )
+        errors = _expected_sq_error(edges, counts, np.full_like(factors, lo), hi_candidates, num_levels)
         hi = float(hi_candidates[np.argmin(errors)])
-        errors = _expected_sq_error(
-            edges, counts, lo_candidates, np.full_like(factors, hi), num_levels
-        )
+        errors = _expected_sq_error(edges, counts, lo_candidates, np.full_like(factors, hi), num_levels)
         lo = float(lo_candidates[np.argmin(errors)])
         if (lo, hi) == previous:
             break
@@ -249,15 +246,15 @@ def _last_argmin(values: np.ndarray) -> int:
     return int(values.size - 1 - np.argmin(values[::-1]))
 
 
-def _two_sided_kl_window(hist: np.ndarray, zero: int, quant_bins: int) -> tuple[int, int]:
+def _two_sided_kl_window(hist: np.ndarray, zero: int, quant_bins: int, min_width: int) -> tuple[int, int]:
     """Window ``[s, e)`` holding bin edge ``zero``, each end searched in turn (widest on ties)."""
     n = hist.size
     start, end = 0, n
     for _ in range(_MAX_ROUNDS):
         previous = (start, end)
-        ends = np.arange(max(zero, start + quant_bins), n + 1)
+        ends = np.arange(max(zero, start + min_width), n + 1)
         end = int(ends[_last_argmin(_window_kl(hist, np.full_like(ends, start), ends, quant_bins))])
-        starts = np.arange(0, min(zero, end - quant_bins) + 1)
+        starts = np.arange(0, min(zero, end - min_width) + 1)
         kl = _window_kl(hist, starts, np.full_like(starts, end), quant_bins)
         start = int(starts[np.argmin(kl)])
         if (start, end) == previous:
@@ -265,9 +262,7 @@ def _two_sided_kl_window(hist: np.ndarray, zero: int, quant_bins: int) -> tuple[
     return start, end
 
 
-def _window_kl(
-    hist: np.ndarray, starts: np.ndarray, ends: np.ndarray, quant_bins: int
-) -> np.ndarray:
+def _window_kl(hist: np.ndarray, starts: np.ndarray, ends: np.ndarray, quant_bins: int) -> np.ndarray:
     """KL(P || Q) of every window ``[starts[k], ends[k])``, each at least quant_bins wide.
 
     With ``S_g``, ``C_g`` and ``L_g`` the mass, non-empty bin count and ``sum h log h`` of

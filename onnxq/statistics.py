@@ -162,7 +162,9 @@ class TensorStatistics:
     def abs_histogram(self, *, max_bins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(bin_edges, counts)`` of ``|x|``; ``edges[0] == 0``, otherwise as `histogram`.
 
-        Folding is exact: bin ``-i - 1`` of x holds values whose ``|x|`` lies in bin ``i``.
+        Folding is exact: bin ``-i - 1`` of x, ``[-(i + 1) w, -i w)``, holds the negative values
+        whose ``|x|`` lies in ``(i w, (i + 1) w]``, merged into bin ``i``: a negative value
+        exactly on an edge lands one bin below where ``floor(|x| / w)`` would put it.
         """
         degenerate = self._degenerate_histogram(abs_values=True)
         if degenerate is not None:

@@ -43,6 +43,14 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
+def _unique_stem(graph: ir.Graph, stem: str) -> str:
+    """`stem`, or `stem_N` when a weight used by several nodes was already quantized."""
+    candidate, count = stem, 1
+    while f"{candidate}_q" in graph.initializers:
+        candidate, count = f"{stem}_{count}", count + 1
+    return candidate
+
+
 class InsertQDQPass(ir.passes.InPlacePass):
     """Rewrite a prepared model with the Q/DQ nodes of `plan` and `qparams`."""
 
@@ -57,8 +65,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         nodes = {node.name: node for node in graph}
         for group in self.plan.activation_groups:
             params = self.qparams.activations[group.stats_tensor]
-            scale = _initializer(graph, f"{group.stats_tensor}_scale", np.float32(params.scale))
-            zero_point = _initializer(graph, f"{group.stats_tensor}_zero_point",
+            scale = _initializer(graph, f"{group.stats_tensor}_s", np.float32(params.scale))
+            zero_point = _initializer(graph, f"{group.stats_tensor}_zp",
                                       np.asarray(params.zero_point, dtype=group.grid.dtype))
             for tensor in group.tensors:
                 self._insert_pair(graph, values[tensor], scale, zero_point)
@@ -66,13 +74,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for spec in self.plan.weights:
             params = self.qparams.weights[spec]
             node = nodes[spec.node]
-            stem = f"{spec.tensor}_{spec.node}"
-            codes = _initializer(graph, f"{stem}_quantized", params.codes.astype(spec.grid.dtype))
-            scale = _initializer(graph, f"{stem}_scale", params.scale.astype(np.float32))
-            zero_point = _initializer(graph, f"{stem}_zero_point",
-                                      params.zero_point.astype(spec.grid.dtype))
-            dequantized = self._dequantize(graph, node, codes, scale, zero_point, spec.axis,
-                                           f"{stem}_dequantized")
+            stem = _unique_stem(graph, spec.tensor)
+            codes = _initializer(graph, f"{stem}_q", params.codes.astype(spec.grid.dtype))
+            scale = _initializer(graph, f"{stem}_s", params.scale.astype(np.float32))
+            zero_point = _initializer(graph, f"{stem}_zp", params.zero_point.astype(spec.grid.dtype))
+            dequantized = self._dequantize(graph, node, [codes, scale, zero_point], spec.axis,
+                                           f"{stem}_dq")
             node.replace_input_with(spec.input_index, dequantized)
             weight_scales[spec.node] = params.scale
         for spec in self.plan.biases:
@@ -81,14 +88,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
             input_scale = self.qparams.activations[group.stats_tensor].scale
             bias = values[spec.tensor].const_value.numpy()
             codes, scales = numerics.quantize_bias(bias, input_scale, weight_scales[spec.node])
-            stem = f"{spec.tensor}_{spec.node}"
+            stem = _unique_stem(graph, spec.tensor)
             axis = 0 if scales.ndim == 1 and scales.size > 1 else None
             scales = scales if axis is not None else scales.reshape(())
+            # int32 bias: zero point 0, which DequantizeLinear assumes when absent.
             dequantized = self._dequantize(
-                graph, node, _initializer(graph, f"{stem}_quantized", codes),
-                _initializer(graph, f"{stem}_scale", scales),
-                _initializer(graph, f"{stem}_zero_point", np.zeros(scales.shape, np.int32)),
-                axis, f"{stem}_dequantized")
+                graph, node, [_initializer(graph, f"{stem}_q", codes),
+                              _initializer(graph, f"{stem}_s", scales)], axis, f"{stem}_dq")
             node.replace_input_with(spec.input_index, dequantized)
         RemoveUnusedNodesPass()(model)
         TopologicalSortPass()(model)
@@ -98,22 +104,20 @@ class InsertQDQPass(ir.passes.InPlacePass):
     @staticmethod
     def _insert_pair(graph: ir.Graph, value: ir.Value, scale: ir.Value,
                      zero_point: ir.Value) -> None:
-        dequantized = ir.Value(name=f"{value.name}_DequantizeLinear", shape=value.shape,
-                               type=value.type)
+        dequantized = ir.Value(name=f"{value.name}_dq", shape=value.shape, type=value.type)
         value.replace_all_uses_with(dequantized)
         quantize = ir.Node("", "QuantizeLinear", [value, scale, zero_point],
-                           outputs=[ir.Value(name=f"{value.name}_QuantizeLinear")],
-                           name=f"{value.name}_QuantizeLinear")
+                           outputs=[ir.Value(name=f"{value.name}_q")], name=f"{value.name}_q")
         dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero_point],
-                             outputs=[dequantized], name=f"{value.name}_DequantizeLinear")
+                             outputs=[dequantized], name=f"{value.name}_dq")
         graph.append(quantize)
         graph.append(dequantize)
 
     @staticmethod
-    def _dequantize(graph: ir.Graph, node: ir.Node, codes: ir.Value, scale: ir.Value,
-                    zero_point: ir.Value, axis: int | None, name: str) -> ir.Value:
+    def _dequantize(graph: ir.Graph, node: ir.Node, inputs: list[ir.Value], axis: int | None,
+                    name: str) -> ir.Value:
         attributes = [ir.AttrInt64("axis", axis)] if axis is not None else []
-        dequantize = ir.Node("", "DequantizeLinear", [codes, scale, zero_point], attributes,
+        dequantize = ir.Node("", "DequantizeLinear", inputs, attributes,
                              outputs=[ir.Value(name=name)], name=name)
         graph.insert_before(node, dequantize)
         return dequantize.outputs[0]

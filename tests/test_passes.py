@@ -140,6 +140,8 @@ def test_insert_qdq_writes_the_given_codes():
     plan = annotate(model, QuantConfig())
     qparams = _minmax_qparams(model, plan, ir.to_proto(model), small_cnn_feeds(4))
     quantized = InsertQDQPass(plan, qparams)(model).model
+    consumed = {node.name: node for node in quantized.graph}
     for spec, params in qparams.weights.items():
-        written = quantized.graph.initializers[f"{spec.tensor}_{spec.node}_quantized"]
-        np.testing.assert_array_equal(written.const_value.numpy(), params.codes)
+        dequantize = consumed[spec.node].inputs[spec.input_index].producer()
+        assert dequantize.op_type == "DequantizeLinear"
+        np.testing.assert_array_equal(dequantize.inputs[0].const_value.numpy(), params.codes)
