@@ -145,3 +145,27 @@ def test_insert_qdq_writes_the_given_codes():
         dequantize = consumed[spec.node].inputs[spec.input_index].producer()
         assert dequantize.op_type == "DequantizeLinear"
         np.testing.assert_array_equal(dequantize.inputs[0].const_value.numpy(), params.codes)
+
+
+def test_smoothquant_is_exact_in_float_and_flattens_channels():
+    from onnxq.passes.smooth import SmoothMatMulInputsPass, smoothing_candidates
+
+    proto = tiny_attention()
+    model = prepare(ir.from_proto(proto))
+    assert smoothing_candidates(model) == ["x"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (1, 5, 16)).astype(np.float32)
+    x[..., 3] *= 40.0  # an outlier channel
+    absmax = {"x": np.abs(x).reshape(-1, 16).max(axis=0)}
+    result = SmoothMatMulInputsPass(absmax, alpha=0.8)(model)
+    assert result.modified
+    smoothed = ir.to_proto(result.model)
+    np.testing.assert_allclose(_run(smoothed, {"x": x})[0], _run(proto, {"x": x})[0], rtol=1e-4,
+                               atol=1e-5)
+    mul = next(n for n in result.model.graph if n.op_type == "Mul")
+    inverse = mul.inputs[1].const_value.numpy()
+    flattened = np.abs(x).reshape(-1, 16).max(axis=0) * inverse
+    assert flattened.max() / flattened.min() < absmax["x"].max() / absmax["x"].min() / 5
+    # the context MatMul reads x as its second operand: it keeps the unsmoothed x
+    context = next(n for n in result.model.graph if n.name == "context")
+    assert context.inputs[1].name == "x"
