@@ -65,10 +65,14 @@ class QuantResult:
         float_ops: dict[str, int] = {}
         for op in self.plan.float_nodes.values():
             float_ops[op] = float_ops.get(op, 0) + 1
+        float_reasons: dict[str, int] = {}
+        for reason in self.plan.float_reasons.values():
+            float_reasons[reason] = float_reasons.get(reason, 0) + 1
         return {
             "config": config_to_dict(self.config),
             "quantized_ops": dict(sorted(quantized_ops.items())),
             "float_ops": dict(sorted(float_ops.items())),
+            "float_reasons": dict(sorted(float_reasons.items())),
             "weights_quantized": len(self.plan.weights),
             "activation_groups": len(self.plan.activation_groups),
             "calibration_feeds": self.calibration_feeds,

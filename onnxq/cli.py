@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from rich.table import Table
 
 from onnxq import model_io
 from onnxq.api import QuantResult, quantize
+from onnxq.cli_support import reports_errors
 from onnxq.config import (
     ActivationType,
     CalibrationMethod,
@@ -30,14 +30,8 @@ from onnxq.config import (
     QuantConfig,
     load_config,
 )
-from onnxq.errors import OnnxqError
 
 logger = logging.getLogger(__name__)
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"onnxq: error: {message}", err=True)
-    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,6 +86,7 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--seed", type=int, default=None, help="Seed of every random choice [default: 0].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress display and no summary.")
+@reports_errors
 def quantize_command(input_path: Path, output_path: Path, calib: Path, method: str | None,
                      percentile: float | None, per_tensor: bool | None, act_type: str | None,
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
@@ -104,26 +99,18 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
     ONNX Runtime on --calib. OUT is written only after the quantized model passed the ONNX
     checker, loaded in ONNX Runtime and was compared with the float model on held-out feeds.
     """
-    try:
-        model_io.check_output_path(input_path, output_path)
-        config = _build_config(
-            config_file,
-            method=CalibrationMethod(method) if method else None,
-            percentile=percentile,
-            weight_granularity=PerTensor() if per_tensor else None,
-            activation_type=ActivationType(act_type) if act_type else None,
-            exclude=_split_list(exclude),
-            quantize_activation_matmul=False if no_activation_matmul else None,
-            holdout=holdout, max_feeds=max_feeds, min_cosine=min_cosine, seed=seed)
-        result = _run_with_progress(input_path, calib, config, show=not quiet and not as_json)
-        result.save(output_path)
-    except OnnxqError as error:
-        _fail(str(error), error.exit_code)
-    except Exception as error:  # a bug: still one line, with the trace when asked for
-        if os.environ.get("ONNXQ_DEBUG"):
-            raise
-        _fail(f"internal error ({type(error).__name__}: {error}); set ONNXQ_DEBUG=1 for the "
-              f"traceback", 1)
+    model_io.check_output_path(input_path, output_path)
+    config = _build_config(
+        config_file,
+        method=CalibrationMethod(method) if method else None,
+        percentile=percentile,
+        weight_granularity=PerTensor() if per_tensor else None,
+        activation_type=ActivationType(act_type) if act_type else None,
+        exclude=_split_list(exclude),
+        quantize_activation_matmul=False if no_activation_matmul else None,
+        holdout=holdout, max_feeds=max_feeds, min_cosine=min_cosine, seed=seed)
+    result = _run_with_progress(input_path, calib, config, show=not quiet and not as_json)
+    result.save(output_path)
     summary = result.summary() | {"input": str(input_path), "output": str(output_path)}
     if as_json:
         click.echo(json.dumps(summary, indent=2))

@@ -89,5 +89,6 @@ def test_calibration_memory_is_flat_in_the_number_of_feeds(tmp_path):
         run = subprocess.run([sys.executable, "-c", script, str(built.onnx_path), str(calib)],
                              capture_output=True, text=True, check=True)
         peaks[label] = int(run.stdout.strip().splitlines()[-1]) / 1024
+    print(f"calibration peak RSS: {peaks}")
     assert peaks["1000"] < peaks["64"] * 1.15 + 50, peaks
     assert peaks["1000"] < 2048, peaks

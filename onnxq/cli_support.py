@@ -1,0 +1,41 @@
+"""What every `onnxq` subcommand shares: one-line errors and their exit codes.
+
+`reports_errors` wraps a command body: an `OnnxqError` becomes `onnxq: error: <message>` on
+stderr with the error's exit code (2 bad input, 3 failed verification); any other exception
+is an internal error (exit 1), still one line unless ONNXQ_DEBUG is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+import click
+
+from onnxq.errors import OnnxqError
+
+F = TypeVar("F", bound=Callable)
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"onnxq: error: {message}", err=True)
+    sys.exit(code)
+
+
+def reports_errors(function: F) -> F:
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except OnnxqError as error:
+            fail(str(error), error.exit_code)
+        except Exception as error:  # a bug: still one line, with the trace when asked for
+            if os.environ.get("ONNXQ_DEBUG"):
+                raise
+            fail(f"internal error ({type(error).__name__}: {error}); set ONNXQ_DEBUG=1 for the "
+                 f"traceback", 1)
+
+    return wrapper  # type: ignore[return-value]
