@@ -33,7 +33,7 @@ from onnxq.verify import FidelityReport, verify
 
 logger = logging.getLogger(__name__)
 
-# Called as progress(stage, advance, total): stage names are "calibrate" and "verify".
+# Called as progress(stage, advance, total): stage names are "smooth" and "calibrate".
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -130,7 +130,7 @@ def quantize(
     calibration, held_out = feeds.split(config.holdout, np.random.default_rng(config.seed))
     prepared = prepare(model_io.to_ir(proto))
     if config.smooth:
-        _smooth(prepared, calibration, config)
+        _smooth(prepared, calibration, config, progress)
     plan = annotate(prepared, config)
     seconds["prepare"] = time.perf_counter() - start
 
@@ -155,12 +155,14 @@ def quantize(
         quantized_bytes=quantized.ByteSize(), seconds=seconds, source=source)
 
 
-def _smooth(model: ir.Model, calibration: CalibrationSet, config: QuantConfig) -> None:
+def _smooth(model: ir.Model, calibration: CalibrationSet, config: QuantConfig,
+            progress: ProgressCallback | None = None) -> None:
     """SmoothQuant on the inputs of weight MatMuls, from their per-channel ranges."""
     skip = frozenset(excluded_nodes(model.graph, config.exclude))
     candidates = smoothing_candidates(model, skip)
     if candidates:
-        absmax = calibrate.collect_channel_absmax(model_io.to_proto(model), candidates, calibration)
+        absmax = calibrate.collect_channel_absmax(model_io.to_proto(model), candidates, calibration,
+                                                  _stage(progress, "smooth", len(calibration)))
         SmoothMatMulInputsPass(absmax, config.smooth_alpha, skip)(model)
 
 

@@ -61,8 +61,8 @@ def collect_statistics(
     return stats
 
 
-def collect_channel_absmax(proto: onnx.ModelProto, tensors: Sequence[str],
-                           feeds: Iterable[Feed]) -> dict[str, np.ndarray]:
+def collect_channel_absmax(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Feed],
+                           progress: Progress | None = None) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor, over all feeds (for SmoothQuant)."""
     names = list(dict.fromkeys(tensors))
     absmax: dict[str, np.ndarray] = {}
@@ -73,6 +73,8 @@ def collect_channel_absmax(proto: onnx.ModelProto, tensors: Sequence[str],
         for name, array in zip(names, session.run(names, feed), strict=True):
             channels = np.abs(array.reshape(-1, array.shape[-1])).max(axis=0)
             absmax[name] = channels if name not in absmax else np.maximum(absmax[name], channels)
+        if progress is not None:
+            progress(1)
     return absmax
 
 
