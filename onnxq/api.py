@@ -21,13 +21,20 @@ import onnx
 import onnx_ir as ir
 
 from onnxq import calibrate, model_io
+from onnxq.bias_correction import (
+    RunningChannelMean,
+    conv_output_shift,
+    corrected_bias,
+    gemm_output_shift,
+)
 from onnxq.config import QuantConfig, config_to_dict
 from onnxq.data import CalibrationSet, open_calibration
 from onnxq.emit import emit
 from onnxq.passes import prepare
 from onnxq.passes.annotate import annotate, excluded_nodes
+from onnxq.passes.op_table import gemm_weight_axis
 from onnxq.passes.smooth import SmoothMatMulInputsPass, smoothing_candidates
-from onnxq.plan import QuantPlan
+from onnxq.plan import BiasQuant, QuantPlan
 from onnxq.qparams import QParams, weight_params_for
 from onnxq.verify import FidelityReport, verify
 
@@ -135,12 +142,15 @@ def quantize(
     seconds["prepare"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    stats = calibrate.collect_statistics(
+    correctable = _correctable_biases(prepared, plan) if config.bias_correction else {}
+    stats, input_means = calibrate.collect_statistics(
         model_io.to_proto(prepared), plan.stats_tensors, calibration,
         keep_histogram=calibrate.needs_histogram(config.method),
-        progress=_stage(progress, "calibrate", len(calibration)))
+        progress=_stage(progress, "calibrate", len(calibration)),
+        channel_axes={spec.activation: axis for spec, axis in correctable.items()})
     qparams = QParams(activations=calibrate.activation_qparams(plan, stats, config),
                       weights=weight_params_for(plan, _weights(prepared, plan)))
+    qparams.bias_values = _corrected_biases(prepared, plan, qparams, correctable, input_means)
     seconds["calibrate"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -153,6 +163,37 @@ def quantize(
         model=quantized, plan=plan, qparams=qparams, config=config, fidelity=fidelity,
         calibration_feeds=len(calibration), float_bytes=proto.ByteSize(),
         quantized_bytes=quantized.ByteSize(), seconds=seconds, source=source)
+
+
+def _correctable_biases(model: ir.Model, plan: QuantPlan) -> dict[BiasQuant, int]:
+    """Biases of Conv and Gemm nodes that bias correction can adjust, with the channel axis of
+    their input (1 for NCHW Conv input, last for a Gemm's (N, K) input)."""
+    nodes = {node.name: node for node in model.graph}
+    return {spec: (1 if nodes[spec.node].op_type == "Conv" else -1) for spec in plan.biases
+            if nodes[spec.node].op_type in ("Conv", "Gemm")}
+
+
+def _corrected_biases(model: ir.Model, plan: QuantPlan, qparams: QParams,
+                      correctable: dict[BiasQuant, int],
+                      input_means: dict[str, RunningChannelMean]) -> dict[BiasQuant, np.ndarray]:
+    """b - (W_q - W) E[x] for every correctable bias (see onnxq.bias_correction)."""
+    nodes = {node.name: node for node in model.graph}
+    weight_specs = {spec.node: spec for spec in plan.weights}
+    corrected = {}
+    for spec in correctable:
+        node = nodes[spec.node]
+        weight_spec = weight_specs[spec.node]
+        weight = node.inputs[weight_spec.input_index].const_value.numpy()
+        error = qparams.weights[weight_spec].dequantized(weight_spec.axis) - weight
+        mean = input_means[spec.activation].mean
+        if node.op_type == "Conv":
+            group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+            shift = conv_output_shift(error, mean, group)
+        else:
+            shift = gemm_output_shift(error, mean, trans_b=gemm_weight_axis(node) == 0)
+        bias = node.inputs[spec.input_index].const_value.numpy()
+        corrected[spec] = corrected_bias(bias, shift)
+    return corrected
 
 
 def _smooth(model: ir.Model, calibration: CalibrationSet, config: QuantConfig,

@@ -9,12 +9,13 @@ statistics by the configured method (onnxq.ranges), and become per-tensor scales
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from onnxq.bias_correction import RunningChannelMean
 from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.data import Feed
 from onnxq.model_io import create_session
@@ -46,19 +47,26 @@ def collect_statistics(
     feeds: Iterable[Feed],
     keep_histogram: bool,
     progress: Progress | None = None,
-) -> dict[str, TensorStatistics]:
-    """Stream every feed through the float model into per-tensor statistics."""
-    names = list(dict.fromkeys(tensors))
-    stats = {name: TensorStatistics(keep_histogram=keep_histogram) for name in names}
+    channel_axes: Mapping[str, int] | None = None,
+) -> tuple[dict[str, TensorStatistics], dict[str, RunningChannelMean]]:
+    """Stream every feed through the float model into per-tensor statistics and, for the
+    tensors of `channel_axes`, per-channel means (for bias correction)."""
+    channel_axes = channel_axes or {}
+    names = list(dict.fromkeys([*tensors, *channel_axes]))
+    stats = {name: TensorStatistics(keep_histogram=keep_histogram) for name in tensors}
+    means = {name: RunningChannelMean(axis) for name, axis in channel_axes.items()}
     if not names:
-        return stats
+        return stats, means
     session = create_session(expose_tensors(proto, names), "the calibration model")
     for feed in feeds:
         for name, array in zip(names, session.run(names, feed), strict=True):
-            stats[name].update(array)
+            if name in stats:
+                stats[name].update(array)
+            if name in means:
+                means[name].update(array)
         if progress is not None:
             progress(1)
-    return stats
+    return stats, means
 
 
 def collect_channel_absmax(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Feed],

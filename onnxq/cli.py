@@ -74,6 +74,10 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
                    "nothing is an error.")
 @click.option("--no-activation-matmul", is_flag=True, default=None,
               help="Leave MatMuls of two activations (attention) float.")
+@click.option("--no-smooth", is_flag=True, default=None,
+              help="Skip SmoothQuant on MatMul inputs (on by default; alpha via the config file).")
+@click.option("--no-bias-correction", is_flag=True, default=None,
+              help="Skip bias correction of Conv/Gemm (on by default).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="TOML file with the same settings (flags given here override it).")
 @click.option("--holdout", type=click.IntRange(min=0), default=None,
@@ -90,6 +94,7 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 def quantize_command(input_path: Path, output_path: Path, calib: Path, method: str | None,
                      percentile: float | None, per_tensor: bool | None, act_type: str | None,
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
+                     no_smooth: bool | None, no_bias_correction: bool | None,
                      config_file: Path | None, holdout: int | None, max_feeds: int | None,
                      min_cosine: float | None, seed: int | None, as_json: bool, quiet: bool) -> None:
     """Quantize the float ONNX model IN to an int8 QDQ model written to OUT.
@@ -108,6 +113,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
         activation_type=ActivationType(act_type) if act_type else None,
         exclude=_split_list(exclude),
         quantize_activation_matmul=False if no_activation_matmul else None,
+        smooth=False if no_smooth else None,
+        bias_correction=False if no_bias_correction else None,
         holdout=holdout, max_feeds=max_feeds, min_cosine=min_cosine, seed=seed)
     result = _run_with_progress(input_path, calib, config, show=not quiet and not as_json)
     result.save(output_path)

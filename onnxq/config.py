@@ -79,6 +79,8 @@ class QuantConfig:
         smooth: apply SmoothQuant to the inputs of MatMuls with constant weights (moves
             per-channel activation outliers into the weights; exact in float).
         smooth_alpha: SmoothQuant's migration strength, in [0, 1].
+        bias_correction: fold the mean output shift caused by weight rounding into the biases
+            of Conv and Gemm nodes (b - (W_q - W) E[x], E[x] from calibration).
         holdout: calibration feeds held out of statistics and used to measure fidelity.
         max_feeds: use at most this many calibration feeds (None: all).
         seed: seed of every random choice (which feeds are held out).
@@ -94,6 +96,7 @@ class QuantConfig:
     quantize_activation_matmul: bool = True
     smooth: bool = True
     smooth_alpha: float = 0.8
+    bias_correction: bool = True
     holdout: int = 4
     max_feeds: int | None = None
     seed: int = 0

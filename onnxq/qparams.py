@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxq import numerics
-from onnxq.plan import ActivationGroup, QuantPlan, WeightQuant
+from onnxq.plan import ActivationGroup, BiasQuant, QuantPlan, WeightQuant
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,12 @@ class WeightParams:
 @dataclass
 class QParams:
     """All parameters of a plan: activation groups keyed by their stats tensor; weights by the
-    plan's `WeightQuant`."""
+    plan's `WeightQuant`; corrected biases by the plan's `BiasQuant`."""
 
     activations: dict[str, ActivationParams] = field(default_factory=dict)
     weights: dict[WeightQuant, WeightParams] = field(default_factory=dict)
+    # Float bias values to quantize in place of the model's (bias correction).
+    bias_values: dict[BiasQuant, np.ndarray] = field(default_factory=dict)
 
 
 def round_to_nearest_weight(weight: np.ndarray, spec: WeightQuant) -> WeightParams:

@@ -86,7 +86,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             node = nodes[spec.node]
             group = self.plan.group_of(spec.activation)
             input_scale = self.qparams.activations[group.stats_tensor].scale
-            bias = values[spec.tensor].const_value.numpy()
+            bias = self.qparams.bias_values.get(spec)
+            if bias is None:
+                bias = values[spec.tensor].const_value.numpy()
             codes, scales = numerics.quantize_bias(bias, input_scale, weight_scales[spec.node])
             stem = _unique_stem(graph, spec.tensor)
             axis = 0 if scales.ndim == 1 and scales.size > 1 else None

@@ -4,10 +4,11 @@ compare with the float model on evaluation data disjoint from calibration.
 Stated bounds (default config, W8A8, 64 calibration feeds of which 4 are held out):
 
     digits              accuracy within 0.01 of float; every Conv a QLinearConv
-    efficientnet_lite0  top-1 agreement with float >= 0.87, logit cosine >= 0.985;
+    efficientnet_lite0  top-1 agreement with float >= 0.90, logit cosine >= 0.995;
                         every Conv a QLinearConv; file <= 0.27x float
     minilm_l6           mean embedding cosine to float >= 0.99; every MatMul an integer kernel
-    ppocr_rec           clean exact match >= 0.95; every Conv a QLinearConv
+    ppocr_rec           clean exact match >= 0.95, hard-set exact match >= 0.45 (float 0.77;
+                        ORT quantize_static MinMax 0.30); Convs run as QLinearConv
 
 Building the zoo (torch export, rendering) happens once per cache; the first run takes a few
 minutes, later runs reuse `.zoo/`.
@@ -45,8 +46,8 @@ def test_digits(tmp_path):
 def test_efficientnet_lite0(tmp_path):
     entry, built, result, path, float_ops = _quantize("efficientnet_lite0", tmp_path)
     metrics = entry.evaluate(path, built)
-    assert metrics["top1_agreement"] >= 0.87
-    assert metrics["logit_cosine"] >= 0.985
+    assert metrics["top1_agreement"] >= 0.90
+    assert metrics["logit_cosine"] >= 0.995
     kernels = optimized_op_counts(result.model)
     assert kernels.get("QLinearConv") == float_ops["Conv"]
     assert "Conv" not in kernels and "FusedConv" not in kernels
@@ -67,6 +68,7 @@ def test_ppocr_rec(tmp_path):
     entry, built, result, path, _ = _quantize("ppocr_rec", tmp_path)
     metrics = entry.evaluate(path, built)
     assert metrics["exact_clean"] >= 0.95
+    assert metrics["exact_hard"] >= 0.45
     kernels = optimized_op_counts(result.model)
     assert "Conv" not in kernels and kernels.get("QLinearConv", 0) > 30
 
