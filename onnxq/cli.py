@@ -22,7 +22,8 @@ from rich.table import Table
 
 from onnxq import model_io
 from onnxq.api import QuantResult, quantize
-from onnxq.cli_support import reports_errors
+from onnxq.cli_bench import bench
+from onnxq.cli_support import OneLineCommand, reports_errors
 from onnxq.config import (
     ActivationType,
     CalibrationMethod,
@@ -53,7 +54,7 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
     return config.replace(**changes)
 
 
-@main.command("quantize")
+@main.command("quantize", cls=OneLineCommand)
 @click.argument("input_path", metavar="IN", type=click.Path(path_type=Path))
 @click.argument("output_path", metavar="OUT", type=click.Path(path_type=Path))
 @click.option("--calib", "calib", type=click.Path(path_type=Path), required=True,
@@ -161,3 +162,6 @@ def _print_summary(summary: dict) -> None:
     console.print(table)
     seconds = summary["seconds"]
     console.print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+
+
+main.add_command(bench)

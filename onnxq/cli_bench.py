@@ -22,25 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxq.bench import BenchResult, BenchSettings, benchmark_model, check_same_inputs, make_feed, ratios
-from onnxq.cli_support import fail, reports_errors
+from onnxq.cli_support import OneLineCommand, reports_errors
 from onnxq.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-class _OneLineUsageErrors(click.Command):
-    """Click's usage errors (a bad option, a missing argument) as one `onnxq: error:` line too."""
-
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: object) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as error:
-            command = error.ctx.command_path if error.ctx else "onnxq bench"
-            fail(f"{error.format_message()} (see '{command} --help')", error.exit_code)
-
-
-@click.command("bench", cls=_OneLineUsageErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("bench", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("models", metavar="MODEL [MODEL ...]", nargs=-1, required=True,
                 type=click.Path(path_type=Path))
 @click.option("--threads", type=int, metavar="N", default=1, show_default=True,

@@ -1,5 +1,6 @@
 """What every `onnxq` subcommand shares: one-line errors and their exit codes.
 
+`OneLineCommand` makes click's own usage errors one line as well.
 `reports_errors` wraps a command body: an `OnnxqError` becomes `onnxq: error: <message>` on
 stderr with the error's exit code (2 bad input, 3 failed verification); any other exception
 is an internal error (exit 1), still one line unless ONNXQ_DEBUG is set.
@@ -23,6 +24,18 @@ F = TypeVar("F", bound=Callable)
 def fail(message: str, code: int) -> None:
     click.echo(f"onnxq: error: {message}", err=True)
     sys.exit(code)
+
+
+class OneLineCommand(click.Command):
+    """Click's usage errors (a bad option, a missing argument) as one `onnxq: error:` line too."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: object) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx else f"onnxq {info_name}"
+            fail(f"{error.format_message()} (see '{command} --help')", error.exit_code)
 
 
 def reports_errors(function: F) -> F:
