@@ -27,15 +27,18 @@ from onnxq.bias_correction import (
     corrected_bias,
     gemm_output_shift,
 )
-from onnxq.config import QuantConfig, config_to_dict
+from onnxq.comq import ComqSettings
+from onnxq.config import QuantConfig, WeightMethod, config_to_dict
 from onnxq.data import CalibrationSet, open_calibration
 from onnxq.emit import emit
-from onnxq.passes import prepare
+from onnxq.passes import INT4_MIN_OPSET, QDQ_MIN_OPSET, prepare
 from onnxq.passes.annotate import annotate, excluded_nodes
 from onnxq.passes.op_table import gemm_weight_axis
 from onnxq.passes.smooth import SmoothMatMulInputsPass, smoothing_candidates
 from onnxq.plan import BiasQuant, QuantPlan
 from onnxq.qparams import QParams, weight_params_for
+from onnxq.search_comq import comq_layers, comq_weight_params, gram_observers
+from onnxq.statistics import TensorStatistics
 from onnxq.verify import FidelityReport, verify
 
 logger = logging.getLogger(__name__)
@@ -135,7 +138,7 @@ def quantize(
     if config.max_feeds is not None and len(feeds) > config.max_feeds:
         feeds = feeds.subset(range(config.max_feeds))
     calibration, held_out = feeds.split(config.holdout, np.random.default_rng(config.seed))
-    prepared = prepare(model_io.to_ir(proto))
+    prepared = prepare(model_io.to_ir(proto), INT4_MIN_OPSET if config.weight_bits <= 4 else QDQ_MIN_OPSET)
     if config.smooth:
         _smooth(prepared, calibration, config, progress)
     plan = annotate(prepared, config)
@@ -143,13 +146,21 @@ def quantize(
 
     start = time.perf_counter()
     correctable = _correctable_biases(prepared, plan) if config.bias_correction else {}
-    stats, input_means = calibrate.collect_statistics(
-        model_io.to_proto(prepared), plan.stats_tensors, calibration,
-        keep_histogram=calibrate.needs_histogram(config.method),
-        progress=_stage(progress, "calibrate", len(calibration)),
-        channel_axes={spec.activation: axis for spec, axis in correctable.items()})
+    stats = {name: TensorStatistics(keep_histogram=calibrate.needs_histogram(config.method))
+             for name in plan.stats_tensors}
+    input_means = {spec.activation: RunningChannelMean(axis) for spec, axis in correctable.items()}
+    comq_targets = (comq_layers(prepared, plan.weights)
+                    if config.weight_method is WeightMethod.COMQ else {})
+    grams = gram_observers(comq_targets)
+    observers: dict[str, list[calibrate.Observer]] = {}
+    for name, observer in [*stats.items(), *input_means.items(),
+                           *((comq_targets[s].inputs[0].name, g) for s, g in grams.items())]:
+        observers.setdefault(name, []).append(observer)
+    calibrate.observe(model_io.to_proto(prepared), observers, calibration,
+                      _stage(progress, "calibrate", len(calibration)))
     qparams = QParams(activations=calibrate.activation_qparams(plan, stats, config),
                       weights=weight_params_for(plan, _weights(prepared, plan)))
+    qparams.weights.update(comq_weight_params(comq_targets, grams, ComqSettings()))
     qparams.bias_values = _corrected_biases(prepared, plan, qparams, correctable, input_means)
     seconds["calibrate"] = time.perf_counter() - start
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from onnxq.bias_correction import RunningChannelMean
 from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.data import Feed
 from onnxq.model_io import create_session
@@ -41,49 +41,44 @@ def expose_tensors(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     return exposed
 
 
-def collect_statistics(
-    proto: onnx.ModelProto,
-    tensors: Sequence[str],
-    feeds: Iterable[Feed],
-    keep_histogram: bool,
-    progress: Progress | None = None,
-    channel_axes: Mapping[str, int] | None = None,
-) -> tuple[dict[str, TensorStatistics], dict[str, RunningChannelMean]]:
-    """Stream every feed through the float model into per-tensor statistics and, for the
-    tensors of `channel_axes`, per-channel means (for bias correction)."""
-    channel_axes = channel_axes or {}
-    names = list(dict.fromkeys([*tensors, *channel_axes]))
-    stats = {name: TensorStatistics(keep_histogram=keep_histogram) for name in tensors}
-    means = {name: RunningChannelMean(axis) for name, axis in channel_axes.items()}
+class Observer(Protocol):
+    """Anything that streams a tensor's values: statistics, channel means, Gram matrices."""
+
+    def update(self, x: np.ndarray) -> None: ...
+
+
+def observe(proto: onnx.ModelProto, observers: Mapping[str, Sequence[Observer]],
+            feeds: Iterable[Feed], progress: Progress | None = None) -> None:
+    """Run the float model once per feed and hand each watched tensor to its observers."""
+    names = [name for name, watching in observers.items() if watching]
     if not names:
-        return stats, means
+        return
     session = create_session(expose_tensors(proto, names), "the calibration model")
     for feed in feeds:
         for name, array in zip(names, session.run(names, feed), strict=True):
-            if name in stats:
-                stats[name].update(array)
-            if name in means:
-                means[name].update(array)
+            for observer in observers[name]:
+                observer.update(array)
         if progress is not None:
             progress(1)
-    return stats, means
+
+
+class ChannelAbsMax:
+    """Streamed max |x| per last-axis channel (SmoothQuant's activation statistic)."""
+
+    def __init__(self) -> None:
+        self.value: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        channels = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+        self.value = channels if self.value is None else np.maximum(self.value, channels)
 
 
 def collect_channel_absmax(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Feed],
                            progress: Progress | None = None) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor, over all feeds (for SmoothQuant)."""
-    names = list(dict.fromkeys(tensors))
-    absmax: dict[str, np.ndarray] = {}
-    if not names:
-        return absmax
-    session = create_session(expose_tensors(proto, names), "the calibration model")
-    for feed in feeds:
-        for name, array in zip(names, session.run(names, feed), strict=True):
-            channels = np.abs(array.reshape(-1, array.shape[-1])).max(axis=0)
-            absmax[name] = channels if name not in absmax else np.maximum(absmax[name], channels)
-        if progress is not None:
-            progress(1)
-    return absmax
+    absmax = {name: ChannelAbsMax() for name in tensors}
+    observe(proto, {name: [observer] for name, observer in absmax.items()}, feeds, progress)
+    return {name: observer.value for name, observer in absmax.items() if observer.value is not None}
 
 
 def activation_qparams(plan: QuantPlan, stats: dict[str, TensorStatistics],

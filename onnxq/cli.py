@@ -29,6 +29,7 @@ from onnxq.config import (
     CalibrationMethod,
     PerTensor,
     QuantConfig,
+    WeightMethod,
     load_config,
 )
 
@@ -60,9 +61,12 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--calib", "calib", type=click.Path(path_type=Path), required=True,
               help="Calibration data: a .npz (one array per model input, samples on axis 0) or a "
                    "folder of .npz files, one feed each.")
-@click.option("--method", type=click.Choice([m.value for m in CalibrationMethod]), default=None,
-              help="How activation ranges are chosen from calibration statistics "
-                   "[default: mse].")
+@click.option("--method", type=click.Choice([m.value for m in CalibrationMethod] + ["comq"]),
+              default=None,
+              help="How activation ranges are chosen from calibration statistics [default: mse]; "
+                   "'comq' searches weight codes and scales with COMQ (activations: mse).")
+@click.option("--weight-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
+              help="Bits of every quantized weight; below 8 stored as int4 (opset 21) [default: 8].")
 @click.option("--percentile", type=float, default=None,
               help="Percentile kept by --method percentile [default: 99.999].")
 @click.option("--per-tensor", is_flag=True, default=None,
@@ -93,6 +97,7 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--quiet", is_flag=True, help="No progress display and no summary.")
 @reports_errors
 def quantize_command(input_path: Path, output_path: Path, calib: Path, method: str | None,
+                     weight_bits: str | None,
                      percentile: float | None, per_tensor: bool | None, act_type: str | None,
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
                      no_smooth: bool | None, no_bias_correction: bool | None,
@@ -108,7 +113,9 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
     model_io.check_output_path(input_path, output_path)
     config = _build_config(
         config_file,
-        method=CalibrationMethod(method) if method else None,
+        method=CalibrationMethod(method) if method and method != "comq" else None,
+        weight_method=WeightMethod.COMQ if method == "comq" else None,
+        weight_bits=int(weight_bits) if weight_bits else None,
         percentile=percentile,
         weight_granularity=PerTensor() if per_tensor else None,
         activation_type=ActivationType(act_type) if act_type else None,

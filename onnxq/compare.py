@@ -86,8 +86,8 @@ class LayerDamage:
 
     `only_quantized`: the float computation with only this layer's inputs quantized;
     `restored`: the quantized model with this layer's inputs back in float.
-    `in_float_model`: the float model (as onnxq prepares it) has a node of this name, so the
-    name is a valid `--exclude` entry for re-quantizing it.
+    `exclude`: the node names to keep float when re-quantizing the float model so that this
+    layer's inputs stay float (see `exclusion_names`); only names of the float model's nodes.
     """
 
     node: str
@@ -98,7 +98,7 @@ class LayerDamage:
     restored: FidelityReport
     quantized_inputs: tuple[int, ...]
     weights: WeightSource
-    in_float_model: bool
+    exclude: tuple[str, ...]
 
 
 @dataclass
@@ -117,7 +117,7 @@ class _Layer:
     node: ir.Node
     points: list[_Point]
     weights: WeightSource
-    in_float_model: bool
+    exclude: tuple[str, ...]
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -344,9 +344,46 @@ def _find_layers(model: ir.Model, float_nodes: Sequence[dict[str, ir.Node]]) -> 
         if not any(p.bypass is not None for p in points):
             logger.info("layer %s: no quantized input can be bypassed; skipped", node.name)
             continue
-        in_float = bool(node.name) and node.name in float_nodes[0]
-        layers.append(_Layer(node, points, weights, in_float))
+        names = tuple(n for n in exclusion_names(node) if n in float_nodes[0])
+        layers.append(_Layer(node, points, weights, names))
     return layers
+
+
+def _reads_weight(node: ir.Node) -> bool:
+    return any(_constant(p.dequantize.inputs[0]) is not None for p in _points_of(node))
+
+
+def _is_quantized(node: ir.Node) -> bool:
+    """A node that computes on quantized values as a quantizer leaves it: it reads a quantized
+    constant (a weight), or it reads a DQ and its output is quantized again (an integer op or a
+    chain op sharing its input's parameters). A float op that merely reads a DQ is not."""
+    if _reads_weight(node):
+        return True
+    quantized_output = any(_is_op(use.node, "QuantizeLinear") for out in node.outputs for use in out.uses())
+    return quantized_output and bool(_points_of(node))
+
+
+def exclusion_names(layer: ir.Node) -> list[str]:
+    """The nodes a quantizer must keep float so that `layer`'s quantized inputs become float.
+
+    A Q/DQ pair on a tensor t is there because some node wanted it: the layer itself, the
+    producer of t when it quantizes its output (onnxq and ORT quantize a Conv's output), or
+    another consumer of t that computes on quantized values. All of them are named; the layer
+    only when it is itself quantized (a float op reading a DQ gains nothing by exclusion).
+    """
+    names = [layer.name] if _is_quantized(layer) else []
+    for point in _points_of(layer):
+        if point.bypass is None or point.bypass.const_value is not None:
+            continue  # a constant: the layer's own
+        quantize = point.dequantize.inputs[0].producer()
+        producer = point.bypass.producer()
+        if producer is not None and _is_quantized(producer):
+            names.append(producer.name)
+        for dequantize in (use.node for out in quantize.outputs for use in out.uses()):
+            for consumer in (use.node for out in dequantize.outputs for use in out.uses()):
+                if consumer is not layer and _is_quantized(consumer):
+                    names.append(consumer.name)
+    return [name for name in dict.fromkeys(names) if name]
 
 
 def _select(layers: list[_Layer], patterns: Sequence[str] | None) -> list[_Layer]:
@@ -362,24 +399,54 @@ def _select(layers: list[_Layer], patterns: Sequence[str] | None) -> list[_Layer
 
 
 def _serialized_with(model: ir.Model, bypassed: Sequence[_Point]) -> bytes:
-    """The model with `bypassed` points rewired to their float inputs, serialized; the graph is
-    left as it was."""
+    """The model with `bypassed` points rewired to their float inputs, serialized without the
+    Q/DQ nodes that no longer feed anything; the graph is left as it was."""
     graph = model.graph
     edits = [p for p in bypassed if p.bypass is not None]
     registered = []
     try:
         for point in edits:
-            if point.bypass.producer() is None and point.bypass.const_value is not None \
-                    and not point.bypass.is_initializer():
+            if point.bypass.const_value is not None and not point.bypass.is_initializer():
                 graph.register_initializer(point.bypass)
                 registered.append(point.bypass)
             point.node.replace_input_with(point.index, point.bypass)
-        return model_io.to_proto(model).SerializeToString()
+        proto = model_io.to_proto(model)
+        _drop_dead_qdq(graph, proto.graph)
+        return proto.SerializeToString()
     finally:
         for point in reversed(edits):
             point.node.replace_input_with(point.index, point.quantized)
         for value in registered:
             graph.initializers.pop(value.name)
+
+
+def _drop_dead_qdq(graph: ir.Graph, graph_proto: onnx.GraphProto) -> None:
+    """Remove from the serialized graph the DQs no node reads any more, the Qs that fed only
+    them, and the constants only they read. Nodes are matched by position: `to_proto` writes
+    the graph's nodes in order."""
+    nodes = list(graph)
+    if len(nodes) != len(graph_proto.node):
+        return
+    outputs = {id(v) for v in graph.outputs}
+    dead: set[int] = set()
+    for op_type in ("DequantizeLinear", "QuantizeLinear"):
+        for node in nodes:
+            if _is_op(node, op_type) and all(id(out) not in outputs and
+                                             all(id(use.node) in dead for use in out.uses())
+                                             for out in node.outputs):
+                dead.add(id(node))
+    if not dead:
+        return
+    unused = {value.name for node in nodes if id(node) in dead for value in node.inputs
+              if value is not None and value.is_initializer()
+              and all(id(use.node) in dead for use in value.uses())}
+    kept = [proto for node, proto in zip(nodes, graph_proto.node, strict=True) if id(node) not in dead]
+    del graph_proto.node[:]
+    graph_proto.node.extend(kept)
+    for field in (graph_proto.initializer, graph_proto.input):
+        kept_values = [v for v in field if v.name not in unused]
+        del field[:]
+        field.extend(kept_values)
 
 
 def _prepared_float_nodes(float_proto: onnx.ModelProto) -> list[dict[str, ir.Node]]:
@@ -415,6 +482,11 @@ def rank_layers(float_path: str | Path, quantized_path: str | Path, data: object
                      reference, feeds)
     logger.info("%d layers; loss quantized %.4g, all restored %.4g", len(all_layers),
                 fidelity_loss(quantized), fidelity_loss(floor))
+    if fidelity_loss(floor) > 0.25 * fidelity_loss(quantized):
+        logger.warning("with every Q/DQ bypassed the model is still far from float (loss %.4g, the "
+                       "quantized model's %.4g): it differs from the float model beyond Q/DQ (e.g. "
+                       "a Relu folded into a quantization range); damages count from there",
+                       fidelity_loss(floor), fidelity_loss(quantized))
     results = []
     for done, layer in enumerate(chosen, 1):
         results.append(_layer_damage(model, layer, every_point, reference, feeds,
@@ -436,16 +508,18 @@ def _layer_damage(model: ir.Model, layer: _Layer, every_point: list[_Point], ref
         damage=fidelity_loss(only) - floor_loss, recovery=quantized_loss - fidelity_loss(restored),
         only_quantized=only, restored=restored,
         quantized_inputs=tuple(p.index for p in layer.points if p.bypass is not None),
-        weights=layer.weights, in_float_model=layer.in_float_model)
+        weights=layer.weights, exclude=layer.exclude)
 
 
 def exclude_suggestion(ranked: Sequence[LayerDamage], top: int) -> str:
     """The `--exclude` value (comma-separated node names) for the worst `top` layers.
 
-    Only layers that lose fidelity (damage > 0) and whose name is a node of the float model are
-    named, so `onnxq quantize FLOAT OUT --exclude <value>` accepts it. A comma inside a name
-    becomes '?' (the glob that matches it), since the value is split on commas.
+    The names are the layers' `exclude` names (each layer and the quantized nodes that share
+    its quantized inputs), in rank order without repeats, from layers that lose fidelity
+    (damage > 0); they are nodes of the float model, so `onnxq quantize FLOAT OUT --exclude
+    <value>` accepts them. A comma inside a name becomes '?', the glob that matches it.
     """
-    names = [layer.node.replace(",", "?") for layer in ranked
-             if layer.damage > 0 and layer.node and layer.in_float_model]
-    return ",".join(names[:max(top, 0)])
+    names: dict[str, None] = {}
+    for layer in [layer for layer in ranked if layer.damage > 0][:max(top, 0)]:
+        names.update(dict.fromkeys(name.replace(",", "?") for name in layer.exclude))
+    return ",".join(names)

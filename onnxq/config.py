@@ -29,6 +29,13 @@ class CalibrationMethod(enum.Enum):
     MSE = "mse"
 
 
+class WeightMethod(enum.Enum):
+    """How weight codes and scales are chosen: round to nearest, or COMQ's search."""
+
+    RTN = "rtn"
+    COMQ = "comq"
+
+
 class ActivationType(enum.Enum):
     """Integer type of quantized activations: uint8 asymmetric or int8 symmetric."""
 
@@ -70,7 +77,11 @@ class QuantConfig:
         method: calibration method for activation ranges.
         percentile: the percentile kept by the percentile method.
         activation_type: uint8 asymmetric (default) or int8 symmetric activations.
-        weight_granularity: per-channel (default) or per-tensor symmetric int8 weights.
+        weight_granularity: per-channel (default) or per-tensor symmetric weights.
+        weight_bits: bits of every quantized weight: 8, 4, 3 or 2 (below 8, codes are stored
+            as int4 at opset 21).
+        weight_method: round to nearest (rtn) or COMQ's coordinate-wise search (per channel
+            only).
         exclude: node names, op types or fnmatch patterns of node names kept float. Each entry
             must match at least one node. An op type matches by equality (e.g. "Softmax"); a
             node name by equality or by glob pattern ("*attention*").
@@ -92,6 +103,8 @@ class QuantConfig:
     percentile: float = 99.999
     activation_type: ActivationType = ActivationType.UINT8
     weight_granularity: Granularity = field(default_factory=PerChannel)
+    weight_bits: int = 8
+    weight_method: WeightMethod = WeightMethod.RTN
     exclude: tuple[str, ...] = ()
     quantize_activation_matmul: bool = True
     smooth: bool = True
@@ -110,6 +123,12 @@ class QuantConfig:
         if not isinstance(self.weight_granularity, (PerTensor, PerChannel)):
             raise ConfigError(f"weight_granularity must be PerTensor() or PerChannel(), got "
                               f"{self.weight_granularity!r}")
+        if self.weight_bits not in (2, 3, 4, 8):
+            raise ConfigError(f"weight_bits must be 2, 3, 4 or 8, got {self.weight_bits}")
+        if not isinstance(self.weight_method, WeightMethod):
+            raise ConfigError(f"weight_method must be a WeightMethod, got {self.weight_method!r}")
+        if self.weight_method is WeightMethod.COMQ and isinstance(self.weight_granularity, PerTensor):
+            raise ConfigError("weight_method comq needs per-channel weights")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
@@ -130,7 +149,8 @@ class QuantConfig:
 
 # --- TOML form -------------------------------------------------------------------------------
 
-_ENUM_FIELDS = {"method": CalibrationMethod, "activation_type": ActivationType}
+_ENUM_FIELDS = {"method": CalibrationMethod, "activation_type": ActivationType,
+                "weight_method": WeightMethod}
 
 
 def config_from_dict(values: dict[str, object]) -> QuantConfig:

@@ -15,6 +15,7 @@ from onnxq.passes.fold_batchnorm import FoldBatchNormPass
 from onnxq.passes.upgrade_opset import UpgradeOpsetPass
 
 QDQ_MIN_OPSET = 13
+INT4_MIN_OPSET = 21  # int4 / uint4 DequantizeLinear inputs
 
 
 def prepare_pipeline(min_opset: int = QDQ_MIN_OPSET) -> ir.passes.PassManager:

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from onnxq.config import ActivationType, PerTensor, QuantConfig
 from onnxq.errors import ConfigError
-from onnxq.numerics import INT8, UINT8
+from onnxq.numerics import INT8, UINT8, IntRange
 from onnxq.passes.op_table import OpKind, activation_input_indices, rule_for, weight_axis
 from onnxq.plan import ActivationGroup, BiasQuant, QuantPlan, WeightQuant
 
@@ -77,6 +77,7 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
     excluded = excluded_nodes(graph, config.exclude)
     activation_grid = INT8 if config.activation_type is ActivationType.INT8 else UINT8
     per_tensor = isinstance(config.weight_granularity, PerTensor)
+    weight_grid = IntRange(config.weight_bits, signed=True)
     plan = QuantPlan()
     groups = _Groups()
 
@@ -103,7 +104,7 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
                 groups.add(value.name)
         if _is_constant(weight):
             axis = None if per_tensor else weight_axis(node) % len(weight.const_value.shape)
-            plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis, INT8))
+            plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis, weight_grid))
             bias = node.inputs[rule.bias_input] if (rule.bias_input is not None
                                                      and len(node.inputs) > rule.bias_input) else None
             if _is_constant(bias) and len(bias.const_value.shape) == 1:

@@ -6,7 +6,7 @@ For every activation tensor t of a quantized group (one scale/zero point per gro
 
 For every quantized weight W of node n (codes and scales given, never re-rounded here):
 
-    W (float initializer) -> n        becomes        W_q (int8) -> DQ(axis) -> n
+    W (float initializer) -> n        becomes        W_q (int8, or int4 below 5 bits) -> DQ(axis) -> n
 
 and a bias b becomes an int32 initializer with scale s_x * s_w and zero point 0 behind a DQ.
 ORT then fuses DQ -> Conv -> Q into QLinearConv, DQ -> MatMul into MatMulIntegerToFloat, and
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxq import numerics
+from onnxq.numerics import IntRange
 from onnxq.plan import QuantPlan
 from onnxq.qparams import QParams
 
@@ -41,6 +43,14 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     for node in graph:
         values.update({v.name: v for v in node.outputs})
     return values
+
+
+def storage_dtype(grid: IntRange) -> np.dtype:
+    """Codes of 2 to 4 bits are stored as int4 / uint4 (packed two per byte, opset 21); 5 to 8
+    bits as int8 / uint8."""
+    if grid.bits <= 4:
+        return np.dtype(ml_dtypes.int4 if grid.signed else ml_dtypes.uint4)
+    return grid.dtype
 
 
 def _unique_stem(graph: ir.Graph, stem: str) -> str:
@@ -75,9 +85,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
             params = self.qparams.weights[spec]
             node = nodes[spec.node]
             stem = _unique_stem(graph, spec.tensor)
-            codes = _initializer(graph, f"{stem}_q", params.codes.astype(spec.grid.dtype))
+            storage = storage_dtype(spec.grid)
+            codes = _initializer(graph, f"{stem}_q", params.codes.astype(storage))
             scale = _initializer(graph, f"{stem}_s", params.scale.astype(np.float32))
-            zero_point = _initializer(graph, f"{stem}_zp", params.zero_point.astype(spec.grid.dtype))
+            zero_point = _initializer(graph, f"{stem}_zp", params.zero_point.astype(storage))
             dequantized = self._dequantize(graph, node, [codes, scale, zero_point], spec.axis,
                                            f"{stem}_dq")
             node.replace_input_with(spec.input_index, dequantized)

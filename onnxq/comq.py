@@ -1,0 +1,185 @@
+"""COMQ: coordinate-wise minimization of a layer's reconstruction error (pure numpy).
+
+For a layer with weight rows w (one per output channel, d_in long) and calibration inputs X,
+the error of quantized rows q is ||X w - X q||^2 = (w - q)^T H (w - q) with H = X^T X, so
+H (accumulated once, streamed) is all the data the search needs. Each row is
+q = s * (c - z): a scale s, a zero point z (0 when symmetric) and integer codes c in
+[qmin, qmax].
+
+Code step (coordinate j of every row at once, in each row's own order): with e = w - q and
+g = e H, moving q_j by t changes the error by -2 t g_j + t^2 H_jj, minimized at t* = g_j / H_jj.
+The best code is the grid point nearest q_j + t* (a 1-D convex parabola, so rounding to the
+nearest feasible code is exact), and g is updated by a rank-1 step: g -= dq_j H_j. One step is
+O(d_out d_in); a sweep over all coordinates O(d_out d_in^2).
+
+Scale step: with codes fixed, the error is a quadratic in s with minimum
+s* = (c~^T H w) / (c~^T H c~), c~ = c - z.
+
+Both steps never increase the error. Greedy order: coordinates with larger |w_j| * ||X_j||
+(= |w_j| sqrt(H_jj)) first, as in Zhang et al., "COMQ: A Backpropagation-Free Algorithm for
+Post-Training Quantization".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.numerics import MIN_SCALE, IntRange
+
+
+@dataclass(frozen=True)
+class ComqSettings:
+    """Settings of the COMQ search.
+
+    Attributes:
+        sweeps: passes over all coordinates (each followed by a scale update when enabled).
+        greedy_order: visit coordinates by decreasing |w_j| * ||X_j||; else in index order.
+        update_scales: alternate code sweeps with closed-form scale updates.
+        scale_candidates: initial per-row scales tried (fractions of the min-max scale); the
+            one with the lowest error (after rounding to nearest) starts the search.
+        damping: added to H's diagonal, relative to its mean, for numerical safety.
+        block: coordinates per block of a sweep (speed only; the result does not depend on it).
+    """
+
+    sweeps: int = 3
+    greedy_order: bool = True
+    update_scales: bool = True
+    scale_candidates: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+    damping: float = 1e-6
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        if self.sweeps < 0:
+            raise ValueError(f"sweeps must be >= 0, got {self.sweeps}")
+        if not self.scale_candidates or any(not 0 < c <= 1.5 for c in self.scale_candidates):
+            raise ValueError("scale_candidates must be fractions in (0, 1.5]")
+
+
+@dataclass(frozen=True)
+class ComqResult:
+    """Per-row scales, zero points and codes, and the error after each step."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    codes: np.ndarray
+    errors: tuple[float, ...]
+
+    def dequantized(self) -> np.ndarray:
+        return (self.codes.astype(np.float64) - self.zero_point[:, None]) * self.scale[:, None]
+
+
+def reconstruction_error(weight: np.ndarray, quantized: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """Per-row (w - q)^T H (w - q)."""
+    error = weight - quantized
+    return np.sum((error @ hessian) * error, axis=1)
+
+
+def _round_codes(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+                 grid: IntRange) -> np.ndarray:
+    return np.clip(np.round(values / scale[:, None]) + zero_point[:, None], grid.qmin, grid.qmax)
+
+
+def _minmax_scales(weight: np.ndarray, grid: IntRange, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    if symmetric:
+        scale = np.abs(weight).max(axis=1) / grid.qmax
+        return np.maximum(scale, MIN_SCALE), np.zeros(len(weight))
+    lo = np.minimum(weight.min(axis=1), 0.0)
+    hi = np.maximum(weight.max(axis=1), 0.0)
+    scale = np.maximum((hi - lo) / (grid.qmax - grid.qmin), MIN_SCALE)
+    return scale, np.clip(grid.qmin - np.round(lo / scale), grid.qmin, grid.qmax)
+
+
+def best_rounded_start(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetric: bool,
+                       candidates: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the candidate scale whose round-to-nearest codes have the lowest H-error."""
+    base_scale, base_zero = _minmax_scales(weight, grid, symmetric)
+    best = None
+    for fraction in candidates:
+        scale = base_scale * fraction
+        zero = base_zero if symmetric else _zero_for(weight, scale, grid)
+        codes = _round_codes(weight, scale, zero, grid)
+        error = reconstruction_error(weight, (codes - zero[:, None]) * scale[:, None], hessian)
+        if best is None:
+            best = [error, scale, zero, codes]
+            continue
+        better = error < best[0]
+        best[0] = np.where(better, error, best[0])
+        best[1] = np.where(better, scale, best[1])
+        best[2] = np.where(better, zero, best[2])
+        best[3] = np.where(better[:, None], codes, best[3])
+    return best[1], best[2], best[3]
+
+
+def _zero_for(weight: np.ndarray, scale: np.ndarray, grid: IntRange) -> np.ndarray:
+    """Zero point that centres the asymmetric grid on the row's shrunk range."""
+    lo = np.minimum(weight.min(axis=1), 0.0)
+    hi = np.maximum(weight.max(axis=1), 0.0)
+    middle = (lo + hi) / 2
+    return np.clip(np.round((grid.qmin + grid.qmax) / 2 - middle / scale), grid.qmin, grid.qmax)
+
+
+def comq(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetric: bool,
+         settings: ComqSettings = ComqSettings()) -> ComqResult:
+    """Quantize weight rows (d_out, d_in) to minimize sum_r (w_r - q_r)^T H (w_r - q_r)."""
+    weight = np.asarray(weight, np.float64)
+    hessian = np.asarray(hessian, np.float64)
+    d_in = weight.shape[1]
+    hessian = hessian + np.eye(d_in) * settings.damping * max(np.trace(hessian) / d_in, 1e-12)
+    scale, zero, codes = best_rounded_start(weight, hessian, grid, symmetric,
+                                            settings.scale_candidates)
+    order = _coordinate_order(weight, hessian, settings.greedy_order)
+    weight_p, hessian_p, codes = weight[:, order], hessian[np.ix_(order, order)], codes[:, order]
+    diagonal = np.diag(hessian_p).copy()
+    quantized = (codes - zero[:, None]) * scale[:, None]
+    errors = [float(reconstruction_error(weight_p, quantized, hessian_p).sum())]
+    for _ in range(settings.sweeps):
+        _code_sweep(weight_p, hessian_p, diagonal, quantized, codes, scale, zero, grid, settings.block)
+        errors.append(float(reconstruction_error(weight_p, quantized, hessian_p).sum()))
+        if settings.update_scales:
+            centred = codes - zero[:, None]
+            centred_h = centred @ hessian_p
+            numerator = np.sum(centred_h * weight_p, axis=1)
+            denominator = np.sum(centred_h * centred, axis=1)
+            usable = denominator > 0
+            scale = np.where(usable, np.maximum(numerator / np.where(usable, denominator, 1), MIN_SCALE),
+                             scale)
+            quantized = centred * scale[:, None]
+            errors.append(float(reconstruction_error(weight_p, quantized, hessian_p).sum()))
+    inverse = np.argsort(order)
+    return ComqResult(scale.astype(np.float32), zero.astype(np.int64),
+                      codes[:, inverse].astype(np.int64), tuple(errors))
+
+
+def _coordinate_order(weight: np.ndarray, hessian: np.ndarray, greedy: bool) -> np.ndarray:
+    """Visiting order of the input coordinates, shared by all rows: by decreasing
+    sum_r |w_rj| * ||X_j|| when greedy (the paper orders each row alone; one shared order lets a
+    sweep run as blocked matrix products), else index order."""
+    if not greedy:
+        return np.arange(weight.shape[1])
+    importance = np.abs(weight).sum(axis=0) * np.sqrt(np.maximum(np.diag(hessian), 0.0))
+    return np.argsort(-importance, kind="stable")
+
+
+def _code_sweep(weight: np.ndarray, hessian: np.ndarray, diagonal: np.ndarray, quantized: np.ndarray,
+                codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: IntRange,
+                block: int) -> None:
+    """One pass over all coordinates, in place. Within a block of coordinates the gradient is
+    updated column by column; the rest of it once per block, by one matrix product (the result
+    is the same as updating everything at every step)."""
+    gradient = (weight - quantized) @ hessian
+    d_in = weight.shape[1]
+    for start in range(0, d_in, block):
+        stop = min(start + block, d_in)
+        deltas = np.zeros((len(weight), stop - start))
+        for j in range(start, stop):
+            target = quantized[:, j] + gradient[:, j] / diagonal[j]
+            new_codes = np.clip(np.round(target / scale) + zero, grid.qmin, grid.qmax)
+            delta = (new_codes - zero) * scale - quantized[:, j]
+            codes[:, j] = new_codes
+            quantized[:, j] += delta
+            gradient[:, start:stop] -= delta[:, None] * hessian[j, start:stop]
+            deltas[:, j - start] = delta
+        if stop < d_in:
+            gradient[:, stop:] -= deltas @ hessian[start:stop, stop:]
