@@ -26,6 +26,7 @@ from onnxq.cli_support import reports_errors
 from onnxq.compare import (
     DEFAULT_MAX_FEEDS,
     LayerDamage,
+    WeightSource,
     compare_models,
     exclude_suggestion,
     rank_layers,
@@ -76,8 +77,12 @@ def compare(float_path: Path, quantized_path: Path, data: Path, max_feeds: int, 
     console.print(_fidelity_table(report))
     if ranked is not None:
         console.print(_layer_table(ranked[:top], len(ranked)))
-        console.print(f"suggestion: --exclude {shlex.quote(suggestion)}" if suggestion
-                      else "suggestion: none (no layer loses fidelity on its own)")
+        if any(layer.weights is WeightSource.DEQUANTIZED for layer in ranked[:top]):
+            console.print("* no float constant matches its quantized weights (e.g. they were rescaled "
+                          "by SmoothQuant): they stay dequantized in both measurements")
+        # Plain echo: rich would wrap a long line that is meant to be pasted.
+        click.echo(f"suggestion: --exclude {shlex.quote(suggestion)}" if suggestion
+                   else "suggestion: none (no layer loses fidelity on its own)")
 
 
 def _rank_with_progress(float_path: Path, quantized_path: Path, data: Path, max_feeds: int,
@@ -107,22 +112,20 @@ def _fidelity_table(report: FidelityReport) -> Table:
 
 def _layer_table(worst: list[LayerDamage], total: int) -> Table:
     table = Table(title=f"worst {len(worst)} of {total} layers",
-                  caption="damage: fidelity lost with only this layer's inputs quantized; "
-                          "recovery: fidelity regained by restoring only them")
+                  caption="damage: fidelity lost with only the layer's inputs quantized; recovery: "
+                          "fidelity regained by restoring only them; to exclude: the nodes to keep "
+                          "float so that they stay float")
     table.add_column("#", justify="right")
-    table.add_column("node", justify="left")
-    table.add_column("op", justify="left")
-    for column in ("damage", "recovery", "SQNR alone", "SQNR restored", "weights"):
-        table.add_column(column, justify="right")
+    table.add_column("node", justify="left", overflow="fold")
+    table.add_column("op", justify="left", no_wrap=True)
+    table.add_column("damage", justify="right", no_wrap=True)
+    table.add_column("recovery", justify="right", no_wrap=True)
+    table.add_column("to exclude", justify="left", overflow="fold")
     for rank, layer in enumerate(worst, 1):
-        table.add_row(str(rank), layer.node, layer.op_type, f"{layer.damage:.4g}",
-                      f"{layer.recovery:.4g}", _worst_sqnr(layer.only_quantized),
-                      _worst_sqnr(layer.restored), layer.weights.value)
+        weights = "" if layer.weights is not WeightSource.DEQUANTIZED else " *"
+        table.add_row(str(rank), layer.node + weights, layer.op_type, f"{layer.damage:.3g}",
+                      f"{layer.recovery:.3g}", ", ".join(layer.exclude) or "-")
     return table
-
-
-def _worst_sqnr(report: FidelityReport) -> str:
-    return f"{min((o.sqnr_db for o in report.outputs), default=math.inf):.1f}"
 
 
 def _finite(value: object) -> object:

@@ -34,9 +34,19 @@ the same input, accepted only when the DQ's values are within half a quantizatio
 (int32 biases follow their weight: a bias-corrected bias is still the float one's). Otherwise
 the point keeps its DQ (L reads the dequantized constant) and `LayerDamage.weights` says so.
 
+What to exclude: a Q/DQ pair on a tensor t exists because some node wants it: the layer, the
+producer of t when it quantizes its output (onnxq and ORT quantize a Conv's output, so
+excluding only the Conv that reads t leaves t quantized), or another consumer of t computing
+on quantized values. `LayerDamage.exclude` names all of them that the float model has, and
+`exclude_suggestion` joins them for the worst layers: the `--exclude` value that puts those
+layers' inputs back in float when the float model is quantized again.
+
 Variants are built by rewiring node inputs in the onnx-ir graph (by object identity), one at a
-time: serialize, one ORT session, run, undo. The float outputs are computed once and replayed.
-Subgraphs (If / Loop bodies) are not analysed.
+time: serialize (without the Q/DQ nodes left reading nothing), one ORT session, run, undo. The
+float outputs are computed once and replayed. Subgraphs (If / Loop bodies) are not analysed.
+A graph that differs from the float one beyond Q/DQ (e.g. ORT's quantizer folds a Relu into a
+quantization range unless QDQKeepRemovableActivations is set) stays different when every
+point is bypassed: damages then count from that baseline, and a warning says so.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class ComqSettings:
     sweeps: int = 3
     greedy_order: bool = True
     update_scales: bool = True
-    scale_candidates: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+    scale_candidates: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
     damping: float = 1e-6
     block: int = 128
 
@@ -59,7 +59,10 @@ class ComqSettings:
 
 @dataclass(frozen=True)
 class ComqResult:
-    """Per-row scales, zero points and codes, and the error after each step."""
+    """Per-row scales, zero points and codes, and the total error after each step.
+
+    Shapes follow the input: (rows,) / (rows, d_in), or with a leading group axis when the
+    search ran on a batch of independent layers (e.g. the channels of a depthwise Conv)."""
 
     scale: np.ndarray
     zero_point: np.ndarray
@@ -67,26 +70,26 @@ class ComqResult:
     errors: tuple[float, ...]
 
     def dequantized(self) -> np.ndarray:
-        return (self.codes.astype(np.float64) - self.zero_point[:, None]) * self.scale[:, None]
+        return (self.codes.astype(np.float64) - self.zero_point[..., None]) * self.scale[..., None]
 
 
 def reconstruction_error(weight: np.ndarray, quantized: np.ndarray, hessian: np.ndarray) -> np.ndarray:
-    """Per-row (w - q)^T H (w - q)."""
+    """Per-row (w - q)^T H (w - q); leading group axes broadcast."""
     error = weight - quantized
-    return np.sum((error @ hessian) * error, axis=1)
+    return np.sum((error @ hessian) * error, axis=-1)
 
 
 def _round_codes(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                  grid: IntRange) -> np.ndarray:
-    return np.clip(np.round(values / scale[:, None]) + zero_point[:, None], grid.qmin, grid.qmax)
+    return np.clip(np.round(values / scale[..., None]) + zero_point[..., None], grid.qmin, grid.qmax)
 
 
 def _minmax_scales(weight: np.ndarray, grid: IntRange, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     if symmetric:
-        scale = np.abs(weight).max(axis=1) / grid.qmax
-        return np.maximum(scale, MIN_SCALE), np.zeros(len(weight))
-    lo = np.minimum(weight.min(axis=1), 0.0)
-    hi = np.maximum(weight.max(axis=1), 0.0)
+        scale = np.abs(weight).max(axis=-1) / grid.qmax
+        return np.maximum(scale, MIN_SCALE), np.zeros(weight.shape[:-1])
+    lo = np.minimum(weight.min(axis=-1), 0.0)
+    hi = np.maximum(weight.max(axis=-1), 0.0)
     scale = np.maximum((hi - lo) / (grid.qmax - grid.qmin), MIN_SCALE)
     return scale, np.clip(grid.qmin - np.round(lo / scale), grid.qmin, grid.qmax)
 
@@ -100,7 +103,7 @@ def best_rounded_start(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, 
         scale = base_scale * fraction
         zero = base_zero if symmetric else _zero_for(weight, scale, grid)
         codes = _round_codes(weight, scale, zero, grid)
-        error = reconstruction_error(weight, (codes - zero[:, None]) * scale[:, None], hessian)
+        error = reconstruction_error(weight, (codes - zero[..., None]) * scale[..., None], hessian)
         if best is None:
             best = [error, scale, zero, codes]
             continue
@@ -108,78 +111,92 @@ def best_rounded_start(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, 
         best[0] = np.where(better, error, best[0])
         best[1] = np.where(better, scale, best[1])
         best[2] = np.where(better, zero, best[2])
-        best[3] = np.where(better[:, None], codes, best[3])
+        best[3] = np.where(better[..., None], codes, best[3])
     return best[1], best[2], best[3]
 
 
 def _zero_for(weight: np.ndarray, scale: np.ndarray, grid: IntRange) -> np.ndarray:
     """Zero point that centres the asymmetric grid on the row's shrunk range."""
-    lo = np.minimum(weight.min(axis=1), 0.0)
-    hi = np.maximum(weight.max(axis=1), 0.0)
+    lo = np.minimum(weight.min(axis=-1), 0.0)
+    hi = np.maximum(weight.max(axis=-1), 0.0)
     middle = (lo + hi) / 2
     return np.clip(np.round((grid.qmin + grid.qmax) / 2 - middle / scale), grid.qmin, grid.qmax)
 
 
 def comq(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetric: bool,
          settings: ComqSettings = ComqSettings()) -> ComqResult:
-    """Quantize weight rows (d_out, d_in) to minimize sum_r (w_r - q_r)^T H (w_r - q_r)."""
-    weight = np.asarray(weight, np.float64)
-    hessian = np.asarray(hessian, np.float64)
-    d_in = weight.shape[1]
-    hessian = hessian + np.eye(d_in) * settings.damping * max(np.trace(hessian) / d_in, 1e-12)
+    """Quantize weight rows to minimize sum_r (w_r - q_r)^T H (w_r - q_r).
+
+    weight (rows, d_in) with hessian (d_in, d_in); or a batch of independent problems,
+    weight (groups, rows, d_in) with hessian (groups, d_in, d_in), searched together.
+    """
+    batched = np.ndim(weight) == 3
+    weight = np.asarray(weight, np.float64).reshape(-1, *np.shape(weight)[-2:])
+    hessian = np.asarray(hessian, np.float64).reshape(-1, *np.shape(hessian)[-2:])
+    d_in = weight.shape[-1]
+    trace = np.trace(hessian, axis1=-2, axis2=-1) / d_in
+    hessian = hessian + np.eye(d_in) * (settings.damping * np.maximum(trace, 1e-12))[:, None, None]
     scale, zero, codes = best_rounded_start(weight, hessian, grid, symmetric,
                                             settings.scale_candidates)
     order = _coordinate_order(weight, hessian, settings.greedy_order)
-    weight_p, hessian_p, codes = weight[:, order], hessian[np.ix_(order, order)], codes[:, order]
-    diagonal = np.diag(hessian_p).copy()
-    quantized = (codes - zero[:, None]) * scale[:, None]
+    weight_p = np.take_along_axis(weight, order[:, None, :], axis=-1)
+    codes = np.take_along_axis(codes, order[:, None, :], axis=-1)
+    hessian_p = np.take_along_axis(np.take_along_axis(hessian, order[:, :, None], axis=1),
+                                   order[:, None, :], axis=2)
+    diagonal = np.diagonal(hessian_p, axis1=-2, axis2=-1).copy()
+    quantized = (codes - zero[..., None]) * scale[..., None]
     errors = [float(reconstruction_error(weight_p, quantized, hessian_p).sum())]
     for _ in range(settings.sweeps):
         _code_sweep(weight_p, hessian_p, diagonal, quantized, codes, scale, zero, grid, settings.block)
         errors.append(float(reconstruction_error(weight_p, quantized, hessian_p).sum()))
         if settings.update_scales:
-            centred = codes - zero[:, None]
+            centred = codes - zero[..., None]
             centred_h = centred @ hessian_p
-            numerator = np.sum(centred_h * weight_p, axis=1)
-            denominator = np.sum(centred_h * centred, axis=1)
+            numerator = np.sum(centred_h * weight_p, axis=-1)
+            denominator = np.sum(centred_h * centred, axis=-1)
             usable = denominator > 0
             scale = np.where(usable, np.maximum(numerator / np.where(usable, denominator, 1), MIN_SCALE),
                              scale)
-            quantized = centred * scale[:, None]
+            quantized = centred * scale[..., None]
             errors.append(float(reconstruction_error(weight_p, quantized, hessian_p).sum()))
-    inverse = np.argsort(order)
-    return ComqResult(scale.astype(np.float32), zero.astype(np.int64),
-                      codes[:, inverse].astype(np.int64), tuple(errors))
+    codes = np.take_along_axis(codes, np.argsort(order, axis=-1)[:, None, :], axis=-1)
+    result = ComqResult(scale.astype(np.float32), zero.astype(np.int64), codes.astype(np.int64),
+                        tuple(errors))
+    if batched:
+        return result
+    return ComqResult(result.scale[0], result.zero_point[0], result.codes[0], result.errors)
 
 
 def _coordinate_order(weight: np.ndarray, hessian: np.ndarray, greedy: bool) -> np.ndarray:
-    """Visiting order of the input coordinates, shared by all rows: by decreasing
-    sum_r |w_rj| * ||X_j|| when greedy (the paper orders each row alone; one shared order lets a
-    sweep run as blocked matrix products), else index order."""
+    """Visiting order of the input coordinates per group, shared by the group's rows: by
+    decreasing sum_r |w_rj| * ||X_j|| when greedy (the paper orders each row alone; one shared
+    order lets a sweep run as blocked matrix products), else index order."""
+    groups, _, d_in = weight.shape
     if not greedy:
-        return np.arange(weight.shape[1])
-    importance = np.abs(weight).sum(axis=0) * np.sqrt(np.maximum(np.diag(hessian), 0.0))
-    return np.argsort(-importance, kind="stable")
+        return np.broadcast_to(np.arange(d_in), (groups, d_in)).copy()
+    diagonal = np.diagonal(hessian, axis1=-2, axis2=-1)
+    importance = np.abs(weight).sum(axis=1) * np.sqrt(np.maximum(diagonal, 0.0))
+    return np.argsort(-importance, axis=-1, kind="stable")
 
 
 def _code_sweep(weight: np.ndarray, hessian: np.ndarray, diagonal: np.ndarray, quantized: np.ndarray,
                 codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: IntRange,
                 block: int) -> None:
-    """One pass over all coordinates, in place. Within a block of coordinates the gradient is
-    updated column by column; the rest of it once per block, by one matrix product (the result
-    is the same as updating everything at every step)."""
+    """One pass over all coordinates, in place, for every group at once. Within a block of
+    coordinates the gradient is updated column by column; the rest of it once per block, by one
+    matrix product (the result is the same as updating everything at every step)."""
     gradient = (weight - quantized) @ hessian
-    d_in = weight.shape[1]
+    d_in = weight.shape[-1]
     for start in range(0, d_in, block):
         stop = min(start + block, d_in)
-        deltas = np.zeros((len(weight), stop - start))
+        deltas = np.zeros((*weight.shape[:2], stop - start))
         for j in range(start, stop):
-            target = quantized[:, j] + gradient[:, j] / diagonal[j]
+            target = quantized[..., j] + gradient[..., j] / diagonal[:, j, None]
             new_codes = np.clip(np.round(target / scale) + zero, grid.qmin, grid.qmax)
-            delta = (new_codes - zero) * scale - quantized[:, j]
-            codes[:, j] = new_codes
-            quantized[:, j] += delta
-            gradient[:, start:stop] -= delta[:, None] * hessian[j, start:stop]
-            deltas[:, j - start] = delta
+            delta = (new_codes - zero) * scale - quantized[..., j]
+            codes[..., j] = new_codes
+            quantized[..., j] += delta
+            gradient[..., start:stop] -= delta[..., None] * hessian[:, None, j, start:stop]
+            deltas[..., j - start] = delta
         if stop < d_in:
-            gradient[:, stop:] -= deltas @ hessian[start:stop, stop:]
+            gradient[..., stop:] -= deltas @ hessian[:, start:stop, stop:]

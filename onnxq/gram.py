@@ -87,9 +87,15 @@ def conv_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
 
 
 class GramAccumulator:
-    """Streams one layer's inputs into H (groups, d_in, d_in)."""
+    """Streams one layer's inputs into H (groups, d_in, d_in).
 
-    def __init__(self, node: ir.Node, weight: np.ndarray) -> None:
+    A feed contributes at most `max_rows` input vectors, taken at an even stride over its rows
+    (a large image gives a Conv tens of thousands of patches that mostly repeat): H's scale
+    does not matter to the search, only its shape, which a strided sample keeps.
+    """
+
+    def __init__(self, node: ir.Node, weight: np.ndarray, max_rows: int = 4096) -> None:
+        self.max_rows = max_rows
         self.op_type = node.op_type
         self.geometry = ConvGeometry.of(node, weight.shape) if node.op_type == "Conv" else None
         self.hessian: np.ndarray | None = None
@@ -101,6 +107,8 @@ class GramAccumulator:
             patches = conv_patches(x, self.geometry)
         else:
             patches = x.reshape(1, -1, x.shape[-1])
+        stride = -(-patches.shape[1] // self.max_rows)
+        patches = np.ascontiguousarray(patches[:, ::stride])
         gram = np.matmul(patches.transpose(0, 2, 1), patches).astype(np.float64)
         self.hessian = gram if self.hessian is None else self.hessian + gram
         self.rows += patches.shape[1]

@@ -50,15 +50,10 @@ def comq_weight_params(layers: Mapping[WeightQuant, ir.Node],
         weight = node.inputs[spec.input_index].const_value.numpy()
         group = gram.geometry.group if gram.geometry is not None else 1
         rows = weight_rows(node, weight, group)
-        scales, codes = [], []
-        for g in range(rows.shape[0]):
-            result = comq(rows[g], gram.hessian[g], spec.grid, symmetric=True, settings=settings)
-            scales.append(result.scale)
-            codes.append(result.codes)
-            logger.debug("%s group %d: error %.4g -> %.4g", spec.node, g, result.errors[0],
-                         result.errors[-1])
-        row_scales = np.concatenate(scales)
-        codes_in_layout = weight_from_rows(node, np.stack(codes), weight.shape)
+        result = comq(rows, gram.hessian, spec.grid, symmetric=True, settings=settings)
+        logger.debug("%s: error %.4g -> %.4g", spec.node, result.errors[0], result.errors[-1])
+        row_scales = result.scale.reshape(-1)
+        codes_in_layout = weight_from_rows(node, result.codes, weight.shape)
         params[spec] = WeightParams(scale=_scales_on_axis(row_scales, spec, weight.shape),
                                     zero_point=np.zeros(row_scales.shape, spec.grid.dtype),
                                     codes=codes_in_layout.astype(spec.grid.dtype))
