@@ -23,6 +23,7 @@ from rich.table import Table
 from onnxq import model_io
 from onnxq.api import QuantResult, quantize
 from onnxq.cli_bench import bench
+from onnxq.cli_compare import compare
 from onnxq.cli_support import OneLineCommand, reports_errors
 from onnxq.config import (
     ActivationType,
@@ -172,3 +173,4 @@ def _print_summary(summary: dict) -> None:
 
 
 main.add_command(bench)
+main.add_command(compare)
