@@ -162,6 +162,10 @@ def quantize(
                       weights=weight_params_for(plan, _weights(prepared, plan)))
     qparams.weights.update(comq_weight_params(comq_targets, grams, ComqSettings()))
     qparams.bias_values = _corrected_biases(prepared, plan, qparams, correctable, input_means)
+    if comq_targets and config.comq_sequential:
+        qparams.weights.update(_sequential_comq(prepared, plan, qparams, comq_targets, calibration,
+                                                _stage(progress, "comq inputs", len(calibration))))
+        qparams.bias_values = _corrected_biases(prepared, plan, qparams, correctable, input_means)
     seconds["calibrate"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -174,6 +178,20 @@ def quantize(
         model=quantized, plan=plan, qparams=qparams, config=config, fidelity=fidelity,
         calibration_feeds=len(calibration), float_bytes=proto.ByteSize(),
         quantized_bytes=quantized.ByteSize(), seconds=seconds, source=source)
+
+
+def _sequential_comq(prepared: ir.Model, plan: QuantPlan, qparams: QParams,
+                     targets: dict, calibration: CalibrationSet, progress) -> dict:
+    """COMQ again, on the inputs each layer sees in the quantized model (earlier layers'
+    weights and all activations quantized) rather than the float inputs."""
+    quantized = emit(prepared, plan, qparams)
+    nodes = {node.name: node for node in quantized.graph}
+    grams = gram_observers(targets)
+    observers: dict[str, list[calibrate.Observer]] = {}
+    for spec, gram in grams.items():
+        observers.setdefault(nodes[spec.node].inputs[0].name, []).append(gram)
+    calibrate.observe(model_io.to_proto(quantized), observers, calibration, progress)
+    return comq_weight_params(targets, grams, ComqSettings())
 
 
 def _correctable_biases(model: ir.Model, plan: QuantPlan) -> dict[BiasQuant, int]:

@@ -82,6 +82,9 @@ class QuantConfig:
             as int4 at opset 21).
         weight_method: round to nearest (rtn) or COMQ's coordinate-wise search (per channel
             only).
+        comq_sequential: COMQ searches twice, the second time on the layer inputs of the model
+            quantized by the first search (earlier layers' errors included). Off by default:
+            measured no better than float inputs on the zoo at W4, at twice the time.
         exclude: node names, op types or fnmatch patterns of node names kept float. Each entry
             must match at least one node. An op type matches by equality (e.g. "Softmax"); a
             node name by equality or by glob pattern ("*attention*").
@@ -105,6 +108,7 @@ class QuantConfig:
     weight_granularity: Granularity = field(default_factory=PerChannel)
     weight_bits: int = 8
     weight_method: WeightMethod = WeightMethod.RTN
+    comq_sequential: bool = False
     exclude: tuple[str, ...] = ()
     quantize_activation_matmul: bool = True
     smooth: bool = True
