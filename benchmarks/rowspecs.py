@@ -1,0 +1,93 @@
+"""The rows of the benchmark: one `RowSpec` per quantizer configuration, in table order.
+
+A row names a quantizer (a key of `quantizers.QUANTIZERS`), the options it is called with, and
+the models it applies to. Adding an onnxq mode (COMQ W4/W3, mixed bits, Evol-Q) or a peer is
+adding a row here; `run.py` and the report pick it up unchanged. onnxq rows take `QuantConfig`
+fields as options, by their TOML names and values (`onnxq.config.config_from_dict`).
+
+A row that does not apply to a model (a transformer-only peer on a CNN, a padded-feed fallback
+where all calibration feeds have one shape) is left out of that model's table. A row that
+applies and fails is kept, with its error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from onnxq import CalibrationMethod
+
+TRANSFORMERS = frozenset({"minilm_l6"})
+FAMILIES = ("onnxq", "ORT", "NNCF")  # plot colours and --tools family names
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One quantizer configuration.
+
+    Attributes:
+        label: the row's name in tables, plots and `--tools`; unique.
+        quantizer: key of `quantizers.QUANTIZERS`.
+        family: which tool the row belongs to (one of FAMILIES).
+        options: keyword options of the quantizer, as (name, value) pairs.
+        models: the zoo models the row applies to; None: all.
+        only_varying_shapes: a fallback for calibration feeds of different shapes; left out of
+            models whose feeds all have one shape.
+    """
+
+    label: str
+    quantizer: str
+    family: str
+    options: tuple[tuple[str, Any], ...] = ()
+    models: frozenset[str] | None = None
+    only_varying_shapes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"row {self.label!r}: family must be one of {FAMILIES}, got {self.family!r}")
+
+    def applies(self, model: str, shapes_vary: bool) -> bool:
+        if self.models is not None and model not in self.models:
+            return False
+        return shapes_vary or not self.only_varying_shapes
+
+
+def _options(**values: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple(values.items())
+
+
+_ORT_HISTOGRAM = ("Entropy", "Percentile")
+
+ROWS: tuple[RowSpec, ...] = (
+    # onnxq: its default config, then each calibration method on the otherwise default config.
+    RowSpec("onnxq default", "onnxq", "onnxq"),
+    *(RowSpec(f"onnxq {method.value}", "onnxq", "onnxq", _options(method=method.value))
+      for method in CalibrationMethod),
+    # ORT quantize_static: QDQ, per-channel int8 weights, uint8 activations.
+    *(RowSpec(f"ORT {method}", "ort_static", "ORT", _options(method=method))
+      for method in ("MinMax", *_ORT_HISTOGRAM)),
+    # ORT's histogram calibrators stack all feeds: on feeds of different shapes they fail. Two
+    # fallbacks where shapes vary: feeds zero-padded to one shape (padding moves the activation
+    # ranges, and stacking wide padded feeds takes a lot of memory), and ORT's own strided
+    # collection, one feed at a time, histograms merged as they come (CalibStridedMinMax=1).
+    *(RowSpec(f"ORT {method} (padded feeds)", "ort_static", "ORT",
+              _options(method=method, pad=True), only_varying_shapes=True)
+      for method in _ORT_HISTOGRAM),
+    *(RowSpec(f"ORT {method} (stride 1)", "ort_static", "ORT",
+              _options(method=method, stride=1), only_varying_shapes=True)
+      for method in _ORT_HISTOGRAM),
+    # ORT W4A8: QInt4 per-channel weights (native INT4 QDQ needs opset 21), uint8 activations.
+    RowSpec("ORT W4A8 MinMax", "ort_static", "ORT",
+            _options(method="MinMax", weight_type="QInt4", opset=21)),
+    # Weight-only / dynamic peers for the transformer.
+    RowSpec("ORT dynamic int8", "ort_dynamic", "ORT", models=TRANSFORMERS),
+    RowSpec("ORT MatMulNBits 4-bit", "ort_nbits", "ORT",
+            _options(bits=4, block_size=32, is_symmetric=True, accuracy_level=4), models=TRANSFORMERS),
+    # NNCF post-training quantization on its ONNX backend (its defaults; transformer model type
+    # for the transformer).
+    RowSpec("NNCF", "nncf", "NNCF"),
+)
+
+ROW_BY_LABEL: dict[str, RowSpec] = {row.label: row for row in ROWS}
+if len(ROW_BY_LABEL) != len(ROWS):
+    raise ValueError("row labels must be unique")
