@@ -1,6 +1,7 @@
 """COMQ: the numeric core against brute force, monotone steps, and real layers through ORT."""
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -10,10 +11,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from graphs import small_cnn, small_cnn_feeds
+from onnxq import model_io
+from onnxq.calibrate import observe
 from onnxq.comq import ComqSettings, best_rounded_start, comq, reconstruction_error
 from onnxq.config import WeightMethod
-from onnxq.gram import ConvGeometry, conv_patches
+from onnxq.data import open_calibration
+from onnxq.gram import ConvGeometry, conv_patches, weight_rows
 from onnxq.numerics import IntRange
+from onnxq.passes import prepare
+from onnxq.passes.annotate import annotate
+from onnxq.search_comq import comq_layers, gram_observers
 
 
 def _layer(rng, d_in, d_out=1, samples=60):
@@ -128,3 +135,26 @@ def _dequantize_model(dequantize: ir.Node):
     graph = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)],
                               [codes, *inputs])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_real_layers_beat_round_to_nearest_and_the_searched_scale(bits):
+    """Every weight layer of the bundled digit CNN, H from its real calibration inputs."""
+    root = Path(__file__).resolve().parents[1] / "models" / "bundled"
+    proto = model_io.load_model(root / "digit_cnn.onnx")
+    model = prepare(model_io.to_ir(proto))
+    plan = annotate(model, onnxq.QuantConfig(weight_bits=bits))
+    layers = comq_layers(model, plan.weights)
+    grams = gram_observers(layers)
+    feeds = open_calibration(root / "digit_cnn_calib.npz", proto).subset(range(16))
+    observe(model_io.to_proto(model), {layers[s].inputs[0].name: [g] for s, g in grams.items()}, feeds)
+    grid = IntRange(bits, True)
+    for spec, node in layers.items():
+        gram = grams[spec]
+        group = gram.geometry.group if gram.geometry else 1
+        rows = weight_rows(node, node.inputs[1].const_value.numpy(), group)
+        minmax = comq(rows, gram.hessian, grid, True, ComqSettings(sweeps=0, scale_candidates=(1.0,)))
+        searched = comq(rows, gram.hessian, grid, True, ComqSettings(sweeps=0))
+        full = comq(rows, gram.hessian, grid, True)
+        assert full.errors[-1] <= searched.errors[0] <= minmax.errors[0], spec.node
+        assert full.errors[-1] < minmax.errors[0], spec.node
