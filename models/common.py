@@ -199,6 +199,27 @@ def package_dir(package: str) -> Path:
 # --- ONNX and ONNX Runtime -------------------------------------------------------------------
 
 
+def export_single_input(net: Any, example_shape: tuple[int, ...], onnx_path: Path, input_name: str,
+                        output_name: str) -> Path:
+    """torch.onnx.export with the legacy exporter (weights inside the file), opset 17, a dynamic
+    batch axis on the one input and output; then `check_onnx`."""
+    import torch
+
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        net,
+        (torch.zeros(*example_shape),),
+        str(onnx_path),
+        dynamo=False,
+        opset_version=17,
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+    )
+    check_onnx(onnx_path)
+    return onnx_path
+
+
 def check_onnx(onnx_path: Path) -> None:
     """Fail early unless the file is a valid, self-contained model every onnxruntime >= 1.20
     reads (IR version 10 at most, no external weights)."""

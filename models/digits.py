@@ -27,6 +27,7 @@ from .common import (
     ZooModel,
     build_once,
     check_onnx,
+    export_single_input,
     layout,
     ort_session,
     package_dir,
@@ -103,22 +104,7 @@ def _load_torch_cnn():
 
 def export_onnx(onnx_path: Path) -> Path:
     """Export the CNN (opset 17, dynamic batch, weights inside the file)."""
-    import torch
-
-    net = _load_torch_cnn()
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        net,
-        (torch.zeros(1, 1, 28, 28),),
-        str(onnx_path),
-        dynamo=False,
-        opset_version=17,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-    )
-    check_onnx(onnx_path)
-    return onnx_path
+    return export_single_input(_load_torch_cnn(), (1, 1, 28, 28), onnx_path, INPUT_NAME, OUTPUT_NAME)
 
 
 def write_bundled(dest_dir: Path = BUNDLED_DIR, n_calib: int = 64) -> None:

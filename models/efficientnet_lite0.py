@@ -29,8 +29,8 @@ from .common import (
     BuiltModel,
     ZooModel,
     build_once,
-    check_onnx,
     cosine_rows,
+    export_single_input,
     layout,
     ort_session,
     run_batched,
@@ -213,23 +213,10 @@ def _fold_same_padding(net) -> int:
 
 def export_onnx(onnx_path: Path) -> Path:
     """Export with the legacy exporter: opset 17, dynamic batch, weights inside the file."""
-    import torch
-
     net = _load_torch_model()
     folded = _fold_same_padding(net)
     logger.debug("%s: %d padded convolutions exported as Conv pads", NAME, folded)
-    torch.onnx.export(
-        net,
-        (torch.zeros(1, 3, SIZE, SIZE),),
-        str(onnx_path),
-        dynamo=False,
-        opset_version=17,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-    )
-    check_onnx(onnx_path)
-    return onnx_path
+    return export_single_input(net, (1, 3, SIZE, SIZE), onnx_path, INPUT_NAME, OUTPUT_NAME)
 
 
 # --- build and evaluate --------------------------------------------------------------------
