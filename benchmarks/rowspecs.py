@@ -63,6 +63,10 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("onnxq default", "onnxq", "onnxq"),
     *(RowSpec(f"onnxq {method.value}", "onnxq", "onnxq", _options(method=method.value))
       for method in CalibrationMethod),
+    # onnxq sub-8-bit weights (8-bit activations): round to nearest against COMQ's search.
+    *(RowSpec(f"onnxq W{bits}A8 {method}", "onnxq", "onnxq",
+              _options(weight_bits=bits, weight_method=method))
+      for bits in (4, 3) for method in ("rtn", "comq")),
     # ORT quantize_static: QDQ, per-channel int8 weights, uint8 activations.
     *(RowSpec(f"ORT {method}", "ort_static", "ORT", _options(method=method))
       for method in ("MinMax", *_ORT_HISTOGRAM)),
