@@ -233,7 +233,7 @@ def _smooth(model: ir.Model, calibration: CalibrationSet, config: QuantConfig,
     if candidates:
         absmax = calibrate.collect_channel_absmax(model_io.to_proto(model), candidates, calibration,
                                                   _stage(progress, "smooth", len(calibration)))
-        SmoothMatMulInputsPass(absmax, config.smooth_alpha, skip)(model)
+        SmoothMatMulInputsPass(absmax, config.effective_smooth_alpha, skip)(model)
 
 
 def _stage(progress: ProgressCallback | None, stage: str, total: int):

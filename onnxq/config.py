@@ -92,7 +92,9 @@ class QuantConfig:
             (attention scores and context in transformers).
         smooth: apply SmoothQuant to the inputs of MatMuls with constant weights (moves
             per-channel activation outliers into the weights; exact in float).
-        smooth_alpha: SmoothQuant's migration strength, in [0, 1].
+        smooth_alpha: SmoothQuant's migration strength, in [0, 1]. None (default): 0.8 with
+            8-bit weights, 0.5 below (moving outliers into 4-bit weights costs more than it
+            saves: MiniLM W4A8 cosine 0.83 at 0.8, 0.91 at 0.5, round to nearest).
         bias_correction: fold the mean output shift caused by weight rounding into the biases
             of Conv and Gemm nodes (b - (W_q - W) E[x], E[x] from calibration).
         holdout: calibration feeds held out of statistics and used to measure fidelity.
@@ -112,7 +114,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     quantize_activation_matmul: bool = True
     smooth: bool = True
-    smooth_alpha: float = 0.8
+    smooth_alpha: float | None = None
     bias_correction: bool = True
     holdout: int = 4
     max_feeds: int | None = None
@@ -135,7 +137,7 @@ class QuantConfig:
             raise ConfigError("weight_method comq needs per-channel weights")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
-        if not 0.0 <= self.smooth_alpha <= 1.0:
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.holdout < 0:
             raise ConfigError(f"holdout must be >= 0, got {self.holdout}")
@@ -146,6 +148,12 @@ class QuantConfig:
         if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
             raise ConfigError("exclude must be a list of strings")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def effective_smooth_alpha(self) -> float:
+        if self.smooth_alpha is not None:
+            return self.smooth_alpha
+        return 0.8 if self.weight_bits == 8 else 0.5
 
     def replace(self, **changes: object) -> QuantConfig:
         return dataclasses.replace(self, **changes)
