@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,15 +70,9 @@ class QuantResult:
 
     def summary(self) -> dict[str, object]:
         """A JSON-ready account of what was done and how well it went."""
-        quantized_ops: dict[str, int] = {}
-        for op in self.plan.quantized_nodes.values():
-            quantized_ops[op] = quantized_ops.get(op, 0) + 1
-        float_ops: dict[str, int] = {}
-        for op in self.plan.float_nodes.values():
-            float_ops[op] = float_ops.get(op, 0) + 1
-        float_reasons: dict[str, int] = {}
-        for reason in self.plan.float_reasons.values():
-            float_reasons[reason] = float_reasons.get(reason, 0) + 1
+        quantized_ops = Counter(self.plan.quantized_nodes.values())
+        float_ops = Counter(self.plan.float_nodes.values())
+        float_reasons = Counter(self.plan.float_reasons.values())
         return {
             "config": config_to_dict(self.config),
             "quantized_ops": dict(sorted(quantized_ops.items())),

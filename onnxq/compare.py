@@ -65,7 +65,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from onnxq import model_io
-from onnxq.data import Feed, open_calibration
+from onnxq.data import Feed, model_input_specs, open_calibration
 from onnxq.errors import ModelError, OnnxqError
 from onnxq.passes import prepare
 from onnxq.verify import FidelityReport, measure_fidelity
@@ -144,8 +144,7 @@ def _load_pair(float_path: str | Path, quantized_path: str | Path, data: object,
 
 
 def _graph_inputs(proto: onnx.ModelProto) -> list[str]:
-    initializers = {t.name for t in proto.graph.initializer}
-    return [v.name for v in proto.graph.input if v.name not in initializers]
+    return [spec.name for spec in model_input_specs(proto)]
 
 
 def _check_same_interface(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto) -> None:
