@@ -133,7 +133,7 @@ def quantize(
     if config.max_feeds is not None and len(feeds) > config.max_feeds:
         feeds = feeds.subset(range(config.max_feeds))
     calibration, held_out = feeds.split(config.holdout, np.random.default_rng(config.seed))
-    prepared = prepare(model_io.to_ir(proto), INT4_MIN_OPSET if config.weight_bits <= 4 else QDQ_MIN_OPSET)
+    prepared = prepare(model_io.to_ir(proto), INT4_MIN_OPSET if config.lowest_weight_bits <= 4 else QDQ_MIN_OPSET)
     if config.smooth:
         _smooth(prepared, calibration, config, progress)
     plan = annotate(prepared, config)

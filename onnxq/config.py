@@ -69,6 +69,31 @@ def granularity_name(granularity: Granularity) -> str:
     return next(k for k, v in _GRANULARITY_NAMES.items() if v == granularity)
 
 
+SENSITIVITY_MEASURES = ("mse", "kl", "infonce")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """One `PATTERN=BITS` rule: layers matching `pattern` get `bits` (None: stay float)."""
+
+    pattern: str
+    bits: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> LayerRule:
+        if not isinstance(text, str) or "=" not in text:
+            raise ConfigError(f"layer rule {text!r} is not PATTERN=BITS")
+        pattern, _, bits = text.rpartition("=")
+        pattern, bits = pattern.strip(), bits.strip().lower()
+        if not pattern:
+            raise ConfigError(f"layer rule {text!r} has an empty pattern")
+        if bits == "float":
+            return cls(pattern, None)
+        if bits not in ("2", "3", "4", "8"):
+            raise ConfigError(f"layer rule {text!r}: bits must be 2, 3, 4, 8 or float")
+        return cls(pattern, int(bits))
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Everything that decides how a model is quantized.
@@ -85,6 +110,29 @@ class QuantConfig:
         comq_sequential: COMQ searches twice, the second time on the layer inputs of the model
             quantized by the first search (earlier layers' errors included). Off by default:
             measured no better than float inputs on the zoo at W4, at twice the time.
+        layer_bits: per-layer weight bits as "PATTERN=BITS" rules (BITS 2, 3, 4, 8 or "float";
+            PATTERN a node name, op type or glob over node names, as in `exclude`). Precedence:
+            `exclude` first (always float), then the last rule that matches a layer, then the
+            allocator's choice (when a budget is set), then `weight_bits`. A rule that matches
+            no quantizable layer is an error. Layers set by a rule are not re-allocated.
+        avg_bits: budget of the automatic allocation: mean weight bits over all quantized
+            weights, weighted by their element counts.
+        max_size_mb: budget of the automatic allocation: size of the written model in MB
+            (10^6 bytes), everything included.
+        max_bops: budget of the automatic allocation: bit operations, sum over layers of
+            MACs * weight bits * activation bits, in units of 10^9 (GBOPs).
+        max_drop: smallest model whose held-out fidelity stays within this drop of float
+            (1 - the lowest output cosine), raising the bits of the most sensitive layers
+            until it is met.
+        candidate_bits: weight bits the allocator chooses from.
+        sensitivity: the damage measure of quantizing one layer: "mse" (output error energy
+            over output energy), "kl" (softmax KL divergence over the last axis) or "infonce"
+            (contrastive loss of quantized against float outputs across feeds).
+        matmul_nbits: write MatMul weights of 2 to 4 bits as com.microsoft MatMulNBits
+            (integer 4-bit kernel in ORT) rather than DequantizeLinear -> MatMul.
+        nbits_accuracy_level: MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16,
+            4 int8 compute).
+        quantize_gather: quantize constant embedding tables read by Gather (per row).
         exclude: node names, op types or fnmatch patterns of node names kept float. Each entry
             must match at least one node. An op type matches by equality (e.g. "Softmax"); a
             node name by equality or by glob pattern ("*attention*").
@@ -111,6 +159,16 @@ class QuantConfig:
     weight_bits: int = 8
     weight_method: WeightMethod = WeightMethod.RTN
     comq_sequential: bool = False
+    layer_bits: tuple[str, ...] = ()
+    avg_bits: float | None = None
+    max_size_mb: float | None = None
+    max_bops: float | None = None
+    max_drop: float | None = None
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
+    sensitivity: str = "mse"
+    matmul_nbits: bool = False
+    nbits_accuracy_level: int = 4
+    quantize_gather: bool = True
     exclude: tuple[str, ...] = ()
     quantize_activation_matmul: bool = True
     smooth: bool = True
@@ -148,12 +206,55 @@ class QuantConfig:
         if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
             raise ConfigError("exclude must be a list of strings")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        for name in ("layer_bits", "candidate_bits"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{name} must be a list")
+            object.__setattr__(self, name, tuple(value))
+        self.layer_rules  # parses and checks the rules
+        if not self.candidate_bits or any(b not in (2, 3, 4, 8) for b in self.candidate_bits):
+            raise ConfigError(f"candidate_bits must be among 2, 3, 4, 8, got {list(self.candidate_bits)}")
+        budgets = [n for n in ("avg_bits", "max_size_mb", "max_bops", "max_drop")
+                   if getattr(self, n) is not None]
+        if len(budgets) > 1:
+            raise ConfigError(f"set one allocation budget, not {' and '.join(budgets)}")
+        for name in budgets:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.avg_bits is not None and not min(self.candidate_bits) <= self.avg_bits <= 8:
+            raise ConfigError(f"avg_bits must be within the candidate bits "
+                              f"[{min(self.candidate_bits)}, 8], got {self.avg_bits}")
+        if self.sensitivity not in SENSITIVITY_MEASURES:
+            raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITY_MEASURES)}, "
+                              f"got {self.sensitivity!r}")
+        if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"nbits_accuracy_level must be 0 to 4, got {self.nbits_accuracy_level}")
+
+    @property
+    def layer_rules(self) -> tuple[LayerRule, ...]:
+        """`layer_bits` parsed, in order (the last matching rule wins)."""
+        return tuple(LayerRule.parse(text) for text in self.layer_bits)
+
+    @property
+    def allocation_budget(self) -> str | None:
+        """The name of the allocation budget set, if any."""
+        return next((n for n in ("avg_bits", "max_size_mb", "max_bops", "max_drop")
+                     if getattr(self, n) is not None), None)
+
+    @property
+    def lowest_weight_bits(self) -> int:
+        """The fewest bits any weight may get: `weight_bits`, the rules', and the allocator's
+        candidates when a budget is set."""
+        bits = [self.weight_bits, *(r.bits for r in self.layer_rules if r.bits is not None)]
+        if self.allocation_budget is not None:
+            bits.extend(self.candidate_bits)
+        return min(bits)
 
     @property
     def effective_smooth_alpha(self) -> float:
         if self.smooth_alpha is not None:
             return self.smooth_alpha
-        return 0.8 if self.weight_bits == 8 else 0.5
+        return 0.8 if self.lowest_weight_bits == 8 else 0.5
 
     def replace(self, **changes: object) -> QuantConfig:
         return dataclasses.replace(self, **changes)
@@ -185,9 +286,9 @@ def config_from_dict(values: dict[str, object]) -> QuantConfig:
                 raise ConfigError(f"weight_granularity = {value!r} is not one of: "
                                   f"{', '.join(_GRANULARITY_NAMES)}")
             value = _GRANULARITY_NAMES[value]
-        elif key == "exclude":
+        elif key in ("exclude", "layer_bits", "candidate_bits"):
             if not isinstance(value, list):
-                raise ConfigError("exclude must be a list of strings")
+                raise ConfigError(f"{key} must be a list")
             value = tuple(value)
         kwargs[key] = value
     try:

@@ -9,7 +9,10 @@ One walk in topological order, driven by the op table (passes/op_table.py):
     join node     -> quantized when all its activation inputs are; then so is its output
 
 Nodes matched by `config.exclude` (node name, op type, or a glob over node names) stay float;
-an entry that matches no node is an error.
+an entry that matches no node is an error. `config.layer_bits` rules ("PATTERN=BITS", the last
+matching rule wins) set the weight bits of the layers they match, or keep them float; a rule
+that matches no quantizable layer is an error. Other layers get `config.weight_bits` (the
+allocator, onnxq.allocate, later re-plans the ones no rule fixed).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 
 import onnx_ir as ir
 
-from onnxq.config import ActivationType, PerTensor, QuantConfig
+from onnxq.config import ActivationType, LayerRule, PerTensor, QuantConfig
 from onnxq.errors import ConfigError
 from onnxq.numerics import INT8, UINT8, IntRange
 from onnxq.passes.op_table import OpKind, activation_input_indices, rule_for, weight_axis
@@ -40,6 +43,46 @@ def excluded_nodes(graph: ir.Graph, patterns: tuple[str, ...]) -> dict[str, str]
         for name in hits:
             matched.setdefault(name, pattern)
     return matched
+
+
+def _matches(node: ir.Node, pattern: str) -> bool:
+    return node.op_type == pattern or node.name == pattern or fnmatch.fnmatchcase(node.name or "", pattern)
+
+
+def layer_rule_bits(layers: list[ir.Node], rules: tuple[LayerRule, ...]) -> dict[str, LayerRule]:
+    """Layer name -> the last rule that matches it; a rule matching no layer is an error."""
+    chosen: dict[str, LayerRule] = {}
+    for rule in rules:
+        hits = [node.name for node in layers if _matches(node, rule.pattern)]
+        if not hits:
+            raise ConfigError(f"layer rule {rule.pattern!r} matches no quantizable layer "
+                              f"(node name, op type or glob over node names)")
+        chosen.update(dict.fromkeys(hits, rule))
+    return chosen
+
+
+def weight_layers(graph: ir.Graph, config: QuantConfig) -> list[ir.Node]:
+    """The nodes whose constant weight can be quantized (what per-layer bits apply to)."""
+    layers = []
+    for node in graph:
+        rule = rule_for(node)
+        if rule is None or rule.kind is not OpKind.COMPUTE or rule.weight_input is None:
+            continue
+        if not _is_constant(node.inputs[rule.weight_input]):
+            continue
+        if node.op_type == "MatMul" and _is_constant(node.inputs[0]):
+            continue
+        if node.op_type == "Gather" and not _is_embedding(node, config):
+            continue
+        layers.append(node)
+    return layers
+
+
+def _is_embedding(node: ir.Node, config: QuantConfig) -> bool:
+    axis = node.attributes.get("axis")
+    table = node.inputs[0].const_value
+    return (config.quantize_gather and (axis is None or axis.as_int() == 0)
+            and table is not None and len(table.shape) == 2)
 
 
 def _is_constant(value: ir.Value | None) -> bool:
@@ -77,7 +120,10 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
     excluded = excluded_nodes(graph, config.exclude)
     activation_grid = INT8 if config.activation_type is ActivationType.INT8 else UINT8
     per_tensor = isinstance(config.weight_granularity, PerTensor)
-    weight_grid = IntRange(config.weight_bits, signed=True)
+    layer_rules = layer_rule_bits(weight_layers(graph, config), config.layer_rules)
+    for name, layer_rule in layer_rules.items():
+        if layer_rule.bits is None:
+            excluded.setdefault(name, f"{layer_rule.pattern}=float")
     plan = QuantPlan()
     groups = _Groups()
 
@@ -87,7 +133,11 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
         if node.name in excluded or rule is None or rule.kind is not OpKind.COMPUTE:
             continue
         weight = node.inputs[rule.weight_input] if rule.weight_input is not None else None
-        if node.op_type == "MatMul":
+        if node.op_type == "Gather":
+            if not _is_embedding(node, config):
+                plan.float_reasons[node.name] = "no integer kernel"
+                continue
+        elif node.op_type == "MatMul":
             if _is_constant(node.inputs[0]):
                 plan.float_reasons[node.name] = "constant first operand"
                 continue
@@ -104,7 +154,9 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
                 groups.add(value.name)
         if _is_constant(weight):
             axis = None if per_tensor else weight_axis(node) % len(weight.const_value.shape)
-            plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis, weight_grid))
+            bits = layer_rules[node.name].bits if node.name in layer_rules else config.weight_bits
+            plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis,
+                                            IntRange(bits, signed=True)))
             bias = node.inputs[rule.bias_input] if (rule.bias_input is not None
                                                      and len(node.inputs) > rule.bias_input) else None
             if _is_constant(bias) and len(bias.const_value.shape) == 1:

@@ -10,6 +10,9 @@ Three kinds of op take part in an integer chain:
 - chain ops (Relu, Clip, MaxPool, Reshape, Transpose, ...) move or clamp values without new
   ones: when their input is quantized and feeds only them, their output shares the input's
   scale and zero point, so ORT drops the Q/DQ pair around them and the chain stays integer.
+- Gather of a constant table (an embedding) is a compute op without activation inputs: its
+  table is quantized per row (axis 0) and dequantized in front of the Gather; the gathered
+  rows stay float.
 - join ops (Add, Mul, Concat, pooling) have integer kernels (QLinearAdd, QLinearConcat, ...)
   and are quantized only when every activation input already is: residual joins of CNNs go
   integer, while a transformer's residual Adds and mask Add (whose inputs come from float ops)
@@ -57,6 +60,8 @@ def weight_axis(node: ir.Node) -> int:
         return 1
     if node.op_type == "Gemm":
         return gemm_weight_axis(node)
+    if node.op_type == "Gather":
+        return 0
     return -1  # MatMul: B is (..., K, N)
 
 
@@ -67,6 +72,8 @@ OP_RULES: dict[str, OpRule] = {
     "Gemm": OpRule(OpKind.COMPUTE, (0,), weight_input=1, bias_input=2),
     # MatMul: input 1 is a weight when it is constant, else a second activation.
     "MatMul": OpRule(OpKind.COMPUTE, (0, 1), weight_input=1),
+    # Gather: a constant table (input 0) is a weight when gathered along axis 0 (embeddings).
+    "Gather": OpRule(OpKind.COMPUTE, (), weight_input=0),
     "Relu": OpRule(OpKind.CHAIN),
     "Clip": OpRule(OpKind.CHAIN),
     "MaxPool": OpRule(OpKind.CHAIN),
