@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,53 @@ def plot_accuracy_vs_size(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+MIXED_CURVES = (  # (legend, label pattern of the rows on the curve, style)
+    ("uniform bits, round to nearest", ("onnxq default", "onnxq W?A8 rtn"), "o-"),
+    ("uniform bits, COMQ", ("onnxq default", "onnxq W?A8 comq"), "s-"),
+    ("mixed bits (allocator), round to nearest", ("onnxq mixed *b rtn",), "^--"),
+    ("mixed bits (allocator), COMQ", ("onnxq mixed *b comq",), "v--"),
+    ("mixed bits, random allocation", ("onnxq mixed *b random s*",), "x"),
+)
+
+
+def mixed_points(model: dict[str, Any], patterns: tuple[str, ...]) -> list[tuple[float, float, str]]:
+    """(size ratio, primary metric, label) of the rows matching the patterns, by size."""
+    primary = model["primary_metric"]
+    return sorted((row["size_ratio"], row["metrics"][primary], row["label"]) for row in model["rows"]
+                  if "metrics" in row and any(fnmatch.fnmatchcase(row["label"], p) for p in patterns))
+
+
+def plot_mixed_bits(report: dict[str, Any], path: Path) -> None:
+    """Per model, the primary metric against file size: uniform weight bits (8, 4, 3) against
+    mixed per-layer bits at several mean-bits budgets, and random allocations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = {name: model for name, model in report["models"].items()
+              if mixed_points(model, MIXED_CURVES[2][1])}
+    if not models:
+        return
+    figure, axes = plt.subplots(1, len(models), figsize=(max(9.0, 4.6 * len(models)), 4.8), squeeze=False)
+    for axis, (name, model) in zip(axes[0], models.items(), strict=True):
+        for legend, patterns, style in MIXED_CURVES:
+            points = mixed_points(model, patterns)
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], style, label=legend,
+                          markerfacecolor="none")
+        axis.set_title(name, fontsize=10)
+        axis.set_xlabel("file size / float")
+        axis.set_ylabel(model["primary_metric"])
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    figure.suptitle("Mixed against uniform weight bits (8-bit activations; higher is better)")
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_quant_time(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -230,6 +278,7 @@ def write_reports(report: dict[str, Any], out: Path) -> None:
     (out / "summary.md").write_text(summary(report))
     plot_accuracy_vs_size(report, out / "accuracy_vs_size.png")
     plot_quant_time(report, out / "quant_time.png")
+    plot_mixed_bits(report, out / "mixed_bits.png")
 
 
 if __name__ == "__main__":  # redraw the tables and plots of an existing results.json

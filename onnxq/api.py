@@ -21,23 +21,25 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxq import calibrate, model_io
+from onnxq import calibrate, mixed_bits, model_io
 from onnxq.bias_correction import (
     RunningChannelMean,
     conv_output_shift,
     corrected_bias,
     gemm_output_shift,
 )
+from onnxq.card import card_paths, write_card
 from onnxq.comq import ComqSettings
 from onnxq.config import QuantConfig, WeightMethod, config_to_dict
 from onnxq.data import CalibrationSet, open_calibration
 from onnxq.emit import emit
 from onnxq.passes import INT4_MIN_OPSET, QDQ_MIN_OPSET, prepare
 from onnxq.passes.annotate import annotate, excluded_nodes
+from onnxq.passes.insert_qdq import INT2_MIN_OPSET
 from onnxq.passes.op_table import gemm_weight_axis
 from onnxq.passes.smooth import SmoothMatMulInputsPass, smoothing_candidates
-from onnxq.plan import BiasQuant, QuantPlan
-from onnxq.qparams import QParams, weight_params_for
+from onnxq.plan import BiasQuant, QuantPlan, WeightQuant
+from onnxq.qparams import QParams, WeightParams, weight_params_for
 from onnxq.search_comq import comq_layers, comq_weight_params, gram_observers
 from onnxq.statistics import TensorStatistics
 from onnxq.verify import FidelityReport, verify
@@ -60,13 +62,27 @@ class QuantResult:
     calibration_feeds: int
     float_bytes: int
     quantized_bytes: int
+    comq_layers: frozenset[str] = frozenset()
     seconds: dict[str, float] = field(default_factory=dict)
     source: str | None = None
+    allocation: mixed_bits.AllocationReport | None = None
 
-    def save(self, path: str | Path) -> Path:
-        """Write the model atomically; refuses to write over the source model."""
+    def save(self, path: str | Path, card: bool = True) -> Path:
+        """Write the model atomically, and its quantization card beside it (OUT.card.json and
+        OUT.card.md); refuses to write over the source model."""
         path = model_io.check_output_path(self.source, path)
-        return model_io.save_model_atomic(self.model, path)
+        for card_path in card_paths(path) if card else ():
+            model_io.check_output_path(self.source, card_path)
+        model_io.save_model_atomic(self.model, path)
+        if card:
+            write_card(self, path)
+        return path
+
+    def layer_bytes(self) -> dict[str, int]:
+        """Bytes on disk of each quantized layer's weight (codes, scales, zero points)."""
+        return {spec.node: mixed_bits.weight_bytes(tuple(self.qparams.weights[spec].codes.shape),
+                                                   spec.axis, spec.grid.bits)
+                for spec in self.plan.weights}
 
     def summary(self) -> dict[str, object]:
         """A JSON-ready account of what was done and how well it went."""
@@ -87,6 +103,10 @@ class QuantResult:
             "quantized_bytes": self.quantized_bytes,
             "size_ratio": self.quantized_bytes / self.float_bytes if self.float_bytes else None,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "weight_bits": dict(sorted(Counter(spec.grid.bits for spec in self.plan.weights).items())),
+            "allocation": None if self.allocation is None else {
+                "budget": self.allocation.budget, "limit": self.allocation.limit,
+                "used": self.allocation.used},
         }
 
 
@@ -133,7 +153,9 @@ def quantize(
     if config.max_feeds is not None and len(feeds) > config.max_feeds:
         feeds = feeds.subset(range(config.max_feeds))
     calibration, held_out = feeds.split(config.holdout, np.random.default_rng(config.seed))
-    prepared = prepare(model_io.to_ir(proto), INT4_MIN_OPSET if config.lowest_weight_bits <= 4 else QDQ_MIN_OPSET)
+    opset = (INT2_MIN_OPSET if config.lowest_weight_bits == 2
+             else INT4_MIN_OPSET if config.lowest_weight_bits <= 4 else QDQ_MIN_OPSET)
+    prepared = prepare(model_io.to_ir(proto), opset)
     if config.smooth:
         _smooth(prepared, calibration, config, progress)
     plan = annotate(prepared, config)
@@ -153,15 +175,27 @@ def quantize(
         observers.setdefault(name, []).append(observer)
     calibrate.observe(model_io.to_proto(prepared), observers, calibration,
                       _stage(progress, "calibrate", len(calibration)))
-    qparams = QParams(activations=calibrate.activation_qparams(plan, stats, config),
-                      weights=weight_params_for(plan, _weights(prepared, plan)))
-    qparams.weights.update(comq_weight_params(comq_targets, grams, ComqSettings()))
+    grams_by_node = {spec.node: gram for spec, gram in grams.items()}
+    activations = calibrate.activation_qparams(plan, stats, config)
+    allocation = None
+    if config.allocation_budget is not None:
+        seconds["calibrate"] = time.perf_counter() - start
+        start = time.perf_counter()
+        plan, weights, allocation = _allocate(prepared, plan, config, calibration, held_out,
+                                              float_session, activations, grams_by_node,
+                                              correctable, input_means, progress)
+        seconds["allocate"] = time.perf_counter() - start
+        start = time.perf_counter()
+    else:
+        weights = _weight_params(prepared, plan, grams_by_node)
+    qparams = QParams(activations=activations, weights=weights)
     qparams.bias_values = _corrected_biases(prepared, plan, qparams, correctable, input_means)
     if comq_targets and config.comq_sequential:
         qparams.weights.update(_sequential_comq(prepared, plan, qparams, comq_targets, calibration,
                                                 _stage(progress, "comq inputs", len(calibration))))
         qparams.bias_values = _corrected_biases(prepared, plan, qparams, correctable, input_means)
-    seconds["calibrate"] = time.perf_counter() - start
+    seconds.setdefault("calibrate", 0.0)
+    seconds["calibrate"] += time.perf_counter() - start
 
     start = time.perf_counter()
     quantized = model_io.to_proto(emit(prepared, plan, qparams))
@@ -172,7 +206,62 @@ def quantize(
     return QuantResult(
         model=quantized, plan=plan, qparams=qparams, config=config, fidelity=fidelity,
         calibration_feeds=len(calibration), float_bytes=proto.ByteSize(),
-        quantized_bytes=quantized.ByteSize(), seconds=seconds, source=source)
+        quantized_bytes=quantized.ByteSize(), seconds=seconds, source=source, allocation=allocation,
+        comq_layers=frozenset(spec.node for spec in comq_targets))
+
+
+def _weight_params(prepared: ir.Model, plan: QuantPlan,
+                   grams_by_node: dict[str, object]) -> dict[WeightQuant, WeightParams]:
+    """Round to nearest for every weight; COMQ's codes where a Gram matrix was collected."""
+    params = weight_params_for(plan, _weights(prepared, plan))
+    targets = comq_layers(prepared, [spec for spec in plan.weights if spec.node in grams_by_node])
+    params.update(comq_weight_params(targets, {spec: grams_by_node[spec.node] for spec in targets},
+                                     ComqSettings()))
+    return params
+
+
+def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibration: CalibrationSet,
+              held_out: CalibrationSet, float_session, activations: dict,
+              grams_by_node: dict[str, object], correctable: dict[BiasQuant, int],
+              input_means: dict[str, RunningChannelMean], progress: ProgressCallback | None):
+    """Mixed bits: every free layer's parameters at each candidate bit-width, their measured
+    sensitivity, and the knapsack's choice under the budget (onnxq.mixed_bits)."""
+    free = [spec.node for spec in plan.weights if spec.node not in plan.bits_rules]
+    by_bits = {bits: {spec.node: params for spec, params in
+                      _weight_params(prepared, plan.with_weight_bits(dict.fromkeys(free, bits)),
+                                     grams_by_node).items()}
+               for bits in sorted(set(config.candidate_bits) | {s.grid.bits for s in plan.weights})}
+    specs = {spec.node: spec for spec in plan.weights}
+    nodes = {node.name: node for node in prepared.graph}
+    biases = {spec.node: spec for spec in correctable}
+
+    def values(layer: str, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
+        params = by_bits[bits][layer]
+        bias = None
+        if layer in biases:
+            bias = _corrected_bias(nodes[layer], specs[layer], params, biases[layer],
+                                   input_means[biases[layer].activation])
+        return params.dequantized(specs[layer].axis), bias
+
+    def qparams_for(bits_plan: QuantPlan) -> QParams:
+        qparams = QParams(activations=activations, weights=mixed_bits.params_for_bits(by_bits, bits_plan))
+        qparams.bias_values = _corrected_biases(prepared, bits_plan, qparams, correctable, input_means)
+        return qparams
+
+    def fidelity_of(bits: dict[str, int]) -> float:
+        bits_plan = plan.with_weight_bits(bits)
+        quantized = model_io.to_proto(emit(prepared, bits_plan, qparams_for(bits_plan)))
+        _, fidelity = verify(quantized, float_session, held_out, held_out=True)
+        return fidelity.worst_cosine
+
+    quantized_bytes = 0
+    if config.max_size_mb is not None:
+        quantized_bytes = model_io.to_proto(emit(prepared, plan, qparams_for(plan))).ByteSize()
+    report = mixed_bits.allocate_bits(
+        prepared, plan, config, calibration, values, quantized_bytes,
+        fidelity_of if len(held_out) else None, _stage(progress, "sensitivity", len(free)))
+    plan = mixed_bits.plan_with_allocation(plan, report)
+    return plan, mixed_bits.params_for_bits(by_bits, plan), report
 
 
 def _sequential_comq(prepared: ir.Model, plan: QuantPlan, qparams: QParams,
@@ -203,21 +292,22 @@ def _corrected_biases(model: ir.Model, plan: QuantPlan, qparams: QParams,
     """b - (W_q - W) E[x] for every correctable bias (see onnxq.bias_correction)."""
     nodes = {node.name: node for node in model.graph}
     weight_specs = {spec.node: spec for spec in plan.weights}
-    corrected = {}
-    for spec in correctable:
-        node = nodes[spec.node]
-        weight_spec = weight_specs[spec.node]
-        weight = node.inputs[weight_spec.input_index].const_value.numpy()
-        error = qparams.weights[weight_spec].dequantized(weight_spec.axis) - weight
-        mean = input_means[spec.activation].mean
-        if node.op_type == "Conv":
-            group = node.attributes["group"].as_int() if "group" in node.attributes else 1
-            shift = conv_output_shift(error, mean, group)
-        else:
-            shift = gemm_output_shift(error, mean, trans_b=gemm_weight_axis(node) == 0)
-        bias = node.inputs[spec.input_index].const_value.numpy()
-        corrected[spec] = corrected_bias(bias, shift)
-    return corrected
+    return {spec: _corrected_bias(nodes[spec.node], weight_specs[spec.node],
+                                  qparams.weights[weight_specs[spec.node]], spec,
+                                  input_means[spec.activation])
+            for spec in correctable}
+
+
+def _corrected_bias(node: ir.Node, weight_spec: WeightQuant, params: WeightParams, spec: BiasQuant,
+                    input_mean: RunningChannelMean) -> np.ndarray:
+    weight = node.inputs[weight_spec.input_index].const_value.numpy()
+    error = params.dequantized(weight_spec.axis) - weight
+    if node.op_type == "Conv":
+        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        shift = conv_output_shift(error, input_mean.mean, group)
+    else:
+        shift = gemm_output_shift(error, input_mean.mean, trans_b=gemm_weight_axis(node) == 0)
+    return corrected_bias(node.inputs[spec.input_index].const_value.numpy(), shift)
 
 
 def _smooth(model: ir.Model, calibration: CalibrationSet, config: QuantConfig,

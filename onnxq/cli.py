@@ -22,6 +22,7 @@ from rich.table import Table
 
 from onnxq import model_io
 from onnxq.api import QuantResult, quantize
+from onnxq.card import card_paths
 from onnxq.cli_bench import bench
 from onnxq.cli_compare import compare
 from onnxq.cli_support import OneLineCommand, reports_errors
@@ -33,6 +34,7 @@ from onnxq.config import (
     WeightMethod,
     load_config,
 )
+from onnxq.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,15 @@ def main(verbose: bool) -> None:
 
 def _split_list(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
+def _bits_list(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(item) for item in _split_list((text,)))
+    except ValueError:
+        raise ConfigError(f"--candidate-bits {text!r} is not a list of integers") from None
 
 
 def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
@@ -68,6 +79,29 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
                    "'comq' searches weight codes and scales with COMQ (activations: mse).")
 @click.option("--weight-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
               help="Bits of every quantized weight; below 8 stored as int4 (opset 21) [default: 8].")
+@click.option("--layer", "layer_bits", multiple=True, metavar="PATTERN=BITS",
+              help="Weight bits of the layers matching PATTERN (node name, op type or glob): 2, 3, "
+                   "4, 8 or float. Repeatable; the last matching rule wins; rules come after "
+                   "--exclude and before the allocator; one that matches nothing is an error.")
+@click.option("--avg-bits", type=float, default=None,
+              help="Allocate weight bits per layer by measured sensitivity: mean bits (weighted "
+                   "by element count) at most this.")
+@click.option("--max-size", "max_size_mb", type=float, default=None,
+              help="Allocate weight bits per layer so the written file is at most this many MB.")
+@click.option("--max-bops", type=float, default=None,
+              help="Allocate weight bits per layer within this many GBOPs (MACs x weight bits "
+                   "x activation bits, on the first calibration feed).")
+@click.option("--max-drop", type=float, default=None,
+              help="Smallest allocation whose held-out fidelity drop (1 - worst output cosine) "
+                   "stays within this.")
+@click.option("--candidate-bits", default=None, metavar="LIST",
+              help="Bits the allocator chooses from, e.g. 4,8 [default: 2,3,4,8].")
+@click.option("--sensitivity", type=click.Choice(["mse", "kl", "infonce"]), default=None,
+              help="Damage measure of the allocator's per-layer probes [default: mse].")
+@click.option("--matmul-nbits", is_flag=True, default=None,
+              help="Write 2-4-bit MatMul weights as com.microsoft MatMulNBits (ORT 4-bit kernel).")
+@click.option("--no-gather", is_flag=True, default=None,
+              help="Keep embedding tables read by Gather float.")
 @click.option("--percentile", type=float, default=None,
               help="Percentile kept by --method percentile [default: 99.999].")
 @click.option("--per-tensor", is_flag=True, default=None,
@@ -98,8 +132,11 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--quiet", is_flag=True, help="No progress display and no summary.")
 @reports_errors
 def quantize_command(input_path: Path, output_path: Path, calib: Path, method: str | None,
-                     weight_bits: str | None,
-                     percentile: float | None, per_tensor: bool | None, act_type: str | None,
+                     weight_bits: str | None, layer_bits: tuple[str, ...], avg_bits: float | None,
+                     max_size_mb: float | None, max_bops: float | None, max_drop: float | None,
+                     candidate_bits: str | None, sensitivity: str | None, matmul_nbits: bool | None,
+                     no_gather: bool | None, percentile: float | None, per_tensor: bool | None,
+                     act_type: str | None,
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
                      no_smooth: bool | None, no_bias_correction: bool | None,
                      config_file: Path | None, holdout: int | None, max_feeds: int | None,
@@ -117,6 +154,9 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
         method=CalibrationMethod(method) if method and method != "comq" else None,
         weight_method=WeightMethod.COMQ if method == "comq" else None,
         weight_bits=int(weight_bits) if weight_bits else None,
+        layer_bits=layer_bits, avg_bits=avg_bits, max_size_mb=max_size_mb, max_bops=max_bops,
+        max_drop=max_drop, candidate_bits=_bits_list(candidate_bits), sensitivity=sensitivity,
+        matmul_nbits=matmul_nbits, quantize_gather=False if no_gather else None,
         percentile=percentile,
         weight_granularity=PerTensor() if per_tensor else None,
         activation_type=ActivationType(act_type) if act_type else None,
@@ -128,6 +168,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
     result = _run_with_progress(input_path, calib, config, show=not quiet and not as_json)
     result.save(output_path)
     summary = result.summary() | {"input": str(input_path), "output": str(output_path)}
+    summary["card"] = [str(p) for p in card_paths(output_path)]
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -155,6 +196,12 @@ def _print_summary(summary: dict) -> None:
     left = ", ".join(f"{op} x{n}" for op, n in summary["float_ops"].items()) or "none"
     console.print(f"  quantized: {quantized}")
     console.print(f"  left float: {left}")
+    bits = ", ".join(f"{b}-bit x{n}" for b, n in summary["weight_bits"].items()) or "none"
+    console.print(f"  weights: {bits}")
+    if summary["allocation"]:
+        allocation = summary["allocation"]
+        console.print(f"  allocation under {allocation['budget']}: used {allocation['used']:.6g} "
+                      f"of {allocation['limit']:.6g}")
     console.print(f"  size: {summary['float_bytes'] / 1e6:.2f} MB -> "
                   f"{summary['quantized_bytes'] / 1e6:.2f} MB ({summary['size_ratio']:.3f}x)")
     fidelity = summary["fidelity"]
@@ -170,6 +217,7 @@ def _print_summary(summary: dict) -> None:
     console.print(table)
     seconds = summary["seconds"]
     console.print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    console.print("  card: " + ", ".join(summary["card"]))
 
 
 main.add_command(bench)

@@ -125,6 +125,9 @@ class QuantConfig:
             (1 - the lowest output cosine), raising the bits of the most sensitive layers
             until it is met.
         candidate_bits: weight bits the allocator chooses from.
+        sensitivity_feeds: calibration feeds the sensitivity of each layer is measured on.
+        allocator: "sensitivity" (measured damage) or "random" (random damage, same budget and
+            solver: a baseline for the measured signal).
         sensitivity: the damage measure of quantizing one layer: "mse" (output error energy
             over output energy), "kl" (softmax KL divergence over the last axis) or "infonce"
             (contrastive loss of quantized against float outputs across feeds).
@@ -166,6 +169,8 @@ class QuantConfig:
     max_drop: float | None = None
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
     sensitivity: str = "mse"
+    sensitivity_feeds: int = 16
+    allocator: str = "sensitivity"
     matmul_nbits: bool = False
     nbits_accuracy_level: int = 4
     quantize_gather: bool = True
@@ -211,7 +216,7 @@ class QuantConfig:
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{name} must be a list")
             object.__setattr__(self, name, tuple(value))
-        self.layer_rules  # parses and checks the rules
+        _ = self.layer_rules  # parses and checks the rules
         if not self.candidate_bits or any(b not in (2, 3, 4, 8) for b in self.candidate_bits):
             raise ConfigError(f"candidate_bits must be among 2, 3, 4, 8, got {list(self.candidate_bits)}")
         budgets = [n for n in ("avg_bits", "max_size_mb", "max_bops", "max_drop")
@@ -227,6 +232,10 @@ class QuantConfig:
         if self.sensitivity not in SENSITIVITY_MEASURES:
             raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITY_MEASURES)}, "
                               f"got {self.sensitivity!r}")
+        if self.sensitivity_feeds < 1:
+            raise ConfigError(f"sensitivity_feeds must be >= 1, got {self.sensitivity_feeds}")
+        if self.allocator not in ("sensitivity", "random"):
+            raise ConfigError(f"allocator must be sensitivity or random, got {self.allocator!r}")
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"nbits_accuracy_level must be 0 to 4, got {self.nbits_accuracy_level}")
 

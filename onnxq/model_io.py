@@ -152,3 +152,18 @@ def save_model_atomic(proto: onnx.ModelProto, path: str | Path) -> Path:
                 leftover.unlink()
     logger.info("wrote %s", path)
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp_name, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            Path(tmp_name).unlink()
+    return path

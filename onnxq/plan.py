@@ -8,6 +8,7 @@ very graph the plan was made from.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from onnxq.numerics import IntRange
@@ -61,6 +62,14 @@ class QuantPlan:
     quantized_nodes: dict[str, str] = field(default_factory=dict)
     float_nodes: dict[str, str] = field(default_factory=dict)
     float_reasons: dict[str, str] = field(default_factory=dict)
+    # Layers whose weight bits a `layer_bits` rule fixed: node name -> the rule's text.
+    bits_rules: dict[str, str] = field(default_factory=dict)
+
+    def with_weight_bits(self, bits: dict[str, int]) -> QuantPlan:
+        """A copy whose weights of the named nodes have the given bits (others unchanged)."""
+        weights = [dataclasses.replace(spec, grid=IntRange(bits[spec.node], spec.grid.signed))
+                   if spec.node in bits else spec for spec in self.weights]
+        return dataclasses.replace(self, weights=weights)
 
     def group_of(self, tensor: str) -> ActivationGroup:
         for group in self.activation_groups:

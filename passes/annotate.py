@@ -154,7 +154,10 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
                 groups.add(value.name)
         if _is_constant(weight):
             axis = None if per_tensor else weight_axis(node) % len(weight.const_value.shape)
-            bits = layer_rules[node.name].bits if node.name in layer_rules else config.weight_bits
+            bits = config.weight_bits
+            if node.name in layer_rules:
+                bits = layer_rules[node.name].bits
+                plan.bits_rules[node.name] = f"{layer_rules[node.name].pattern}={bits}"
             plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis,
                                             IntRange(bits, signed=True)))
             bias = node.inputs[rule.bias_input] if (rule.bias_input is not None

@@ -1,0 +1,120 @@
+"""The quantization card: what was done to every layer, written beside each output model.
+
+`OUT.card.json` (for tools) and `OUT.card.md` (for people) hold, per quantized layer, its
+weight bits, granularity, symmetry, method, measured sensitivity (when bits were allocated)
+and bytes on disk; what stayed float and why; the calibration data and method; the budget and
+how much of it was used; and the fidelity measured against float on held-out feeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from onnxq import model_io
+
+if TYPE_CHECKING:
+    from onnxq.api import QuantResult
+
+
+def card_paths(output: str | Path) -> tuple[Path, Path]:
+    """OUT.card.json and OUT.card.md for a model written to OUT (its .onnx suffix dropped)."""
+    output = Path(output)
+    stem = output.with_suffix("") if output.suffix == ".onnx" else output
+    return stem.with_name(stem.name + ".card.json"), stem.with_name(stem.name + ".card.md")
+
+
+def quantization_card(result: QuantResult) -> dict[str, Any]:
+    """The card as plain data."""
+    allocation = {layer.layer: layer for layer in result.allocation.layers} if result.allocation else {}
+    layer_bytes = result.layer_bytes()
+    method = result.config.weight_method.value
+    layers = []
+    for spec in result.plan.weights:
+        chosen = allocation.get(spec.node)
+        layers.append({
+            "layer": spec.node,
+            "op_type": result.plan.quantized_nodes.get(spec.node),
+            "weight": spec.tensor,
+            "bits": spec.grid.bits,
+            "granularity": "per_tensor" if spec.axis is None else f"per_channel(axis={spec.axis})",
+            "symmetric": bool((result.qparams.weights[spec].zero_point == 0).all()),
+            "method": method if spec.node in result.comq_layers else "rtn",
+            "bits_from": (f"rule {result.plan.bits_rules[spec.node]}" if spec.node in result.plan.bits_rules
+                          else "allocation" if chosen is not None else "weight_bits"),
+            "sensitivity": ({str(b): d for b, d in chosen.damage.items()} if chosen and chosen.damage
+                            else None),
+            "bytes": layer_bytes.get(spec.node),
+        })
+    card: dict[str, Any] = {
+        "source": result.source,
+        "calibration": {"feeds": result.calibration_feeds, "held_out": result.fidelity.feeds,
+                        "activation_method": result.config.method.value,
+                        "activation_type": result.config.activation_type.value},
+        "layers": layers,
+        "float": [{"node": node, "op_type": op, "reason": result.plan.float_reasons.get(node, "")}
+                  for node, op in sorted(result.plan.float_nodes.items())],
+        "size": {"float_bytes": result.float_bytes, "quantized_bytes": result.quantized_bytes,
+                 "ratio": result.quantized_bytes / result.float_bytes if result.float_bytes else None},
+        "fidelity": result.summary()["fidelity"],
+    }
+    if result.allocation is not None:
+        report = result.allocation
+        card["allocation"] = {"budget": report.budget, "limit": report.limit, "used": report.used,
+                              "measure": report.measure, "allocator": report.allocator,
+                              "feeds": report.feeds, "seconds": round(report.seconds, 2),
+                              "max_drop_steps": [list(step) for step in report.steps]}
+    return card
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """The card as a Markdown page."""
+    size = card["size"]
+    calibration = card["calibration"]
+    lines = [f"# Quantization card: {Path(card['source']).name if card['source'] else 'model'}", "",
+             f"- size: {size['float_bytes'] / 1e6:.3f} MB -> {size['quantized_bytes'] / 1e6:.3f} MB "
+             f"({size['ratio']:.3f}x)",
+             f"- calibration: {calibration['feeds']} feeds, activations {calibration['activation_type']} "
+             f"by {calibration['activation_method']}; fidelity on {calibration['held_out']} held-out feeds"]
+    if "allocation" in card:
+        allocation = card["allocation"]
+        lines.append(f"- bits allocated by {allocation['allocator']} ({allocation['measure']} damage on "
+                     f"{allocation['feeds']} feeds) under {allocation['budget']}: used "
+                     f"{allocation['used']:.6g} of {allocation['limit']:.6g}")
+    lines += ["", "## Fidelity", "", "| output | cosine | min cosine | SQNR dB | top-1 agree |",
+              "|---|---|---|---|---|"]
+    for output in card["fidelity"]["outputs"]:
+        top1 = output["top1_agreement"]
+        lines.append(f"| {output['name']} | {output['cosine']:.5f} | {output['min_cosine']:.5f} | "
+                     f"{output['sqnr_db']:.1f} | {'-' if top1 is None else f'{top1:.3f}'} |")
+    lines += ["", "## Quantized layers", "",
+              "| layer | op | bits | from | granularity | symmetric | method | bytes | damage by bits |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for layer in card["layers"]:
+        damage = layer["sensitivity"]
+        damage_text = ", ".join(f"{b}: {d:.3g}" for b, d in damage.items()) if damage else "-"
+        lines.append(f"| {layer['layer']} | {layer['op_type']} | {layer['bits']} | {layer['bits_from']} | "
+                     f"{layer['granularity']} | {layer['symmetric']} | {layer['method']} | "
+                     f"{layer['bytes'] if layer['bytes'] is not None else '-'} | {damage_text} |")
+    lines += ["", "## Left float", "", "| node | op | reason |", "|---|---|---|"]
+    lines += [f"| {f['node']} | {f['op_type']} | {f['reason']} |" for f in card["float"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(result: QuantResult, output: str | Path) -> tuple[Path, Path]:
+    """Write OUT.card.json and OUT.card.md atomically; returns their paths."""
+    json_path, markdown_path = card_paths(output)
+    card = quantization_card(result)
+    model_io.write_text_atomic(json_path, json.dumps(card, indent=2, default=_plain) + "\n")
+    model_io.write_text_atomic(markdown_path, card_markdown(card))
+    return json_path, markdown_path
+
+
+def _plain(value: object) -> object:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -1,0 +1,220 @@
+"""Mixed per-layer weight bits: from a budget and measured sensitivities to each layer's bits.
+
+    free layers (no `layer_bits` rule)  --tied_layers-->  groups that share their bits
+    each free layer x candidate bits    --WeightProbe (ORT)-->  damage table
+    groups x candidates: damage, cost   --allocate.solve (MILP)-->  bits per group
+
+Budgets (one of them, `QuantConfig.allocation_budget`):
+
+    avg_bits     sum(bits * elements) <= avg_bits * sum(elements), over all quantized weights
+    max_size_mb  predicted bytes of the written file <= max_size_mb * 10^6
+    max_bops     sum(MACs * weight bits * activation bits) <= max_bops * 10^9 (MACs on the
+                 first calibration feed)
+    max_drop     the smallest avg-bits budget whose model, emitted and run on the held-out
+                 feeds, keeps 1 - (worst output cosine) <= max_drop; found by bisection over
+                 the budget, each step re-solving the knapsack, so raising the bits of the
+                 layers whose damage per bit is largest first
+
+Layers fixed by a rule count against the budget with their fixed bits. The `random`
+allocator replaces the measured damage by random numbers (same budget, same solver): the
+baseline that shows whether the sensitivity signal is real.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq import sensitivity
+from onnxq.allocate import Knapsack, solve
+from onnxq.config import QuantConfig
+from onnxq.data import CalibrationSet
+from onnxq.errors import ConfigError
+from onnxq.plan import QuantPlan, WeightQuant
+
+logger = logging.getLogger(__name__)
+
+ACTIVATION_BITS = 8
+MAX_DROP_STEPS = 8
+
+
+@dataclass(frozen=True)
+class LayerAllocation:
+    """What the allocator knew and chose for one layer."""
+
+    layer: str
+    op_type: str
+    elements: int
+    macs: int
+    bits: int
+    group: int
+    rule: str | None
+    damage: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AllocationReport:
+    """The allocation: the budget, how much of it was used, and every layer's choice."""
+
+    budget: str
+    limit: float
+    used: float
+    measure: str
+    allocator: str
+    feeds: int
+    layers: tuple[LayerAllocation, ...]
+    seconds: float
+    steps: tuple[tuple[float, float], ...] = ()  # max_drop: (average bits tried, drop measured)
+
+    @property
+    def bits(self) -> dict[str, int]:
+        return {layer.layer: layer.bits for layer in self.layers}
+
+
+def weight_bytes(shape: tuple[int, ...], axis: int | None, bits: int) -> int:
+    """Bytes on disk of a weight at `bits`: codes (int4 container below 5 bits, two per byte;
+    int8 otherwise), a float32 scale and a zero point per channel."""
+    storage = 4 if bits <= 4 else 8
+    elements = math.prod(shape)
+    channels = shape[axis] if axis is not None else 1
+    return math.ceil(elements * storage / 8) + 4 * channels + math.ceil(channels * storage / 8)
+
+
+# Called as values(layer, bits) -> (dequantized weight, corrected bias or None).
+CandidateValues = Callable[[str, int], tuple[np.ndarray, np.ndarray | None]]
+# Called with {layer: bits}: the worst output cosine of that model on held-out feeds.
+FidelityProbe = Callable[[dict[str, int]], float]
+
+
+def allocate_bits(
+    model: ir.Model,
+    plan: QuantPlan,
+    config: QuantConfig,
+    feeds: CalibrationSet,
+    values: CandidateValues,
+    quantized_bytes: int,
+    fidelity_of: FidelityProbe | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> AllocationReport:
+    """Bits for every weight layer of `plan` under `config`'s budget.
+
+    `quantized_bytes` is the size of the model emitted with `plan` as it is (the size budget
+    is met by changing the weights' part of it).
+    """
+    start = time.perf_counter()
+    nodes = {node.name: node for node in model.graph}
+    specs = {spec.node: spec for spec in plan.weights}
+    shapes = {name: tuple(nodes[name].inputs[spec.input_index].const_value.shape)
+              for name, spec in specs.items()}
+    free = [name for name in specs if name not in plan.bits_rules]
+    candidates = tuple(sorted(set(config.candidate_bits)))
+    probe_feeds = [feeds.feed(i) for i in range(min(len(feeds), config.sensitivity_feeds))]
+    if config.allocator == "random":
+        rng = np.random.default_rng(config.seed)
+        damage = {name: {b: float(rng.random()) for b in candidates} for name in free}
+    else:
+        probe = sensitivity.WeightProbe(model, [specs[name] for name in free], plan)
+        damage = sensitivity.measure_sensitivity(probe, probe_feeds, dict.fromkeys(free, candidates),
+                                                 values, config.sensitivity, progress)
+    macs = sensitivity.layer_macs(model, list(specs.values()), probe_feeds[0])
+    groups = [g for g in sensitivity.tied_layers(model, plan) if g[0] in free]
+    group_of = {name: number for number, group in enumerate(groups) for name in group}
+
+    def cost_of(name: str, bits: int, budget: str) -> float:
+        if budget in ("avg_bits", "max_drop"):
+            return bits * math.prod(shapes[name])
+        if budget == "max_size_mb":
+            return weight_bytes(shapes[name], specs[name].axis, bits)
+        return macs[name] * bits * ACTIVATION_BITS
+
+    budget = config.allocation_budget
+    cost = np.array([[sum(cost_of(n, b, budget) for n in group) for b in candidates] for group in groups])
+    problem = Knapsack(candidates, np.array([[sum(damage[n][b] for n in group) for b in candidates]
+                                             for group in groups]).reshape(len(groups), -1),
+                       cost.reshape(len(groups), -1))
+    fixed = sum(cost_of(n, specs[n].grid.bits, budget) for n in specs if n not in group_of)
+    steps: list[tuple[float, float]] = []
+    if budget == "avg_bits":
+        limit = config.avg_bits * sum(math.prod(s) for s in shapes.values())
+        allocation = solve(problem, limit - fixed)
+    elif budget == "max_size_mb":
+        limit = config.max_size_mb * 1e6
+        current = sum(cost_of(n, specs[n].grid.bits, budget) for n in group_of)
+        other = quantized_bytes - current - fixed
+        allocation = solve(problem, limit - other - fixed)
+        fixed += other
+    elif budget == "max_bops":
+        limit = config.max_bops * 1e9
+        allocation = solve(problem, limit - fixed)
+    else:
+        if fidelity_of is None:
+            raise ConfigError("max_drop needs held-out feeds to measure fidelity (holdout > 0)")
+        total = sum(math.prod(s) for s in shapes.values())
+        allocation, steps = _smallest_within_drop(problem, config.max_drop, groups, fidelity_of,
+                                                  lambda c: (c + fixed) / total)
+        limit = allocation.cost + fixed
+    chosen = {name: bits for group, bits in zip(groups, allocation.bits, strict=True) for name in group}
+    layers = tuple(
+        LayerAllocation(layer=name, op_type=nodes[name].op_type, elements=math.prod(shapes[name]),
+                        macs=macs[name], bits=chosen.get(name, specs[name].grid.bits),
+                        group=group_of.get(name, -1), rule=plan.bits_rules.get(name),
+                        damage=damage.get(name, {}))
+        for name in specs)
+    report = AllocationReport(budget=budget, limit=float(limit), used=float(allocation.cost + fixed),
+                              measure=config.sensitivity, allocator=config.allocator,
+                              feeds=len(probe_feeds), layers=layers,
+                              seconds=time.perf_counter() - start, steps=tuple(steps))
+    logger.info("allocation (%s): %s", budget, dict(sorted(_bit_counts(report).items())))
+    return report
+
+
+def _bit_counts(report: AllocationReport) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for layer in report.layers:
+        counts[layer.bits] = counts.get(layer.bits, 0) + 1
+    return counts
+
+
+def _smallest_within_drop(problem: Knapsack, max_drop: float, groups: list[list[str]],
+                          fidelity_of: FidelityProbe, avg_bits: Callable[[float], float]):
+    """Bisection over the budget: the cheapest knapsack solution whose measured drop is within
+    `max_drop` (the dearest, all layers at the most bits, when none is)."""
+
+    def bits_of(allocation) -> dict[str, int]:
+        return {name: bits for group, bits in zip(groups, allocation.bits, strict=True) for name in group}
+
+    low, high = problem.cheapest, problem.dearest
+    best = solve(problem, high)
+    steps = []
+    drop = 1.0 - fidelity_of(bits_of(best))
+    steps.append((avg_bits(high), drop))
+    if drop > max_drop:
+        logger.warning("max_drop %.4g not met even at the most bits (drop %.4g)", max_drop, drop)
+        return best, steps
+    for _ in range(MAX_DROP_STEPS):
+        middle = (low + high) / 2
+        candidate = solve(problem, middle)
+        drop = 1.0 - fidelity_of(bits_of(candidate))
+        steps.append((avg_bits(middle), drop))
+        if drop <= max_drop:
+            best, high = candidate, middle
+        else:
+            low = middle
+    return best, steps
+
+
+def plan_with_allocation(plan: QuantPlan, report: AllocationReport) -> QuantPlan:
+    """The plan with the allocated bits."""
+    return plan.with_weight_bits(report.bits)
+
+
+def params_for_bits(params_by_bits: Mapping[int, Mapping[str, object]], plan: QuantPlan
+                    ) -> dict[WeightQuant, object]:
+    """Each weight's parameters at the bits `plan` gives it, keyed by the plan's specs."""
+    return {spec: params_by_bits[spec.grid.bits][spec.node] for spec in plan.weights}

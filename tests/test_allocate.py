@@ -1,0 +1,118 @@
+"""Bit allocation: the MILP's choice against brute force, budgets, ties, and the measured
+sensitivity of real layers through ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import small_cnn, small_cnn_feeds, tiny_attention
+
+from onnxq import QuantConfig, model_io, quantize
+from onnxq.allocate import Knapsack, brute_force, solve
+from onnxq.errors import ConfigError
+from onnxq.passes import QDQ_MIN_OPSET, prepare
+from onnxq.passes.annotate import annotate
+from onnxq.sensitivity import output_damage, tied_layers
+
+CANDIDATES = (2, 3, 4, 8)
+
+
+def _random_problem(rng: np.random.Generator, groups: int) -> Knapsack:
+    elements = rng.integers(10, 1000, size=groups)
+    cost = elements[:, None] * np.array(CANDIDATES)[None, :]
+    # damage falls with bits, by a factor of about 4 per bit, with noise
+    damage = rng.random((groups, 1)) * 4.0 ** -np.array(CANDIDATES)[None, :] * rng.uniform(0.5, 2, (groups, 4))
+    return Knapsack(CANDIDATES, damage, cost.astype(float))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_milp_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    problem = _random_problem(rng, groups=int(rng.integers(2, 7)))
+    budget = rng.uniform(problem.cheapest, problem.dearest)
+    expected = brute_force(problem, budget)
+    found = solve(problem, budget)
+    assert found.cost <= budget + 1e-9
+    assert found.damage == pytest.approx(expected.damage, rel=1e-9, abs=1e-15)
+
+
+def test_budget_extremes_give_uniform_bits():
+    problem = _random_problem(np.random.default_rng(0), groups=5)
+    assert solve(problem, problem.cheapest).bits == (2,) * 5
+    assert solve(problem, problem.dearest).bits == (8,) * 5
+
+
+def test_budget_below_the_cheapest_choice_is_an_error():
+    problem = _random_problem(np.random.default_rng(1), groups=3)
+    with pytest.raises(ConfigError, match="cannot be met"):
+        solve(problem, problem.cheapest * 0.9)
+
+
+def test_damage_measures_are_zero_on_float_and_grow_with_noise():
+    rng = np.random.default_rng(0)
+    reference = [[rng.normal(size=(1, 10))] for _ in range(8)]
+    small = [[r[0] + 0.01 * rng.normal(size=r[0].shape)] for r in reference]
+    large = [[r[0] + 0.5 * rng.normal(size=r[0].shape)] for r in reference]
+    for measure in ("mse", "kl", "infonce"):
+        assert output_damage(measure, reference, reference) == pytest.approx(0.0, abs=1e-12)
+        assert output_damage(measure, reference, small) < output_damage(measure, reference, large)
+
+
+def test_layers_reading_one_tensor_are_tied():
+    model = prepare(model_io.to_ir(tiny_attention()), QDQ_MIN_OPSET)
+    plan = annotate(model, QuantConfig())
+    groups = tied_layers(model, plan)
+    nodes = {node.name: node for node in model.graph}
+    assert sorted(n for g in groups for n in g) == sorted(s.node for s in plan.weights)
+    for group in groups:
+        assert len({nodes[name].inputs[0].name for name in group}) == 1
+    assert any(len(group) >= 2 for group in groups)  # the Q/K/V projections share their input
+
+
+def test_allocation_meets_the_budget_and_ties_share_bits():
+    model = tiny_attention()
+    feeds = [{"x": np.random.default_rng(i).normal(size=(1, 6, 16)).astype(np.float32)} for i in range(12)]
+    result = quantize(model, feeds, QuantConfig(avg_bits=5.0))
+    report = result.allocation
+    assert report.used <= report.limit
+    elements = sum(layer.elements for layer in report.layers)
+    assert sum(layer.bits * layer.elements for layer in report.layers) <= 5.0 * elements
+    by_group: dict[int, set[int]] = {}
+    for layer in report.layers:
+        by_group.setdefault(layer.group, set()).add(layer.bits)
+    assert all(len(bits) == 1 for bits in by_group.values())
+    assert {spec.node: spec.grid.bits for spec in result.plan.weights} == report.bits
+
+
+def test_sensitivity_ranks_bits_and_allocation_beats_random_on_a_cnn():
+    feeds = small_cnn_feeds(24)
+    measured = quantize(small_cnn(), feeds, QuantConfig(avg_bits=3.0, candidate_bits=(2, 4, 8)))
+    for layer in measured.allocation.layers:
+        assert layer.damage[2] > layer.damage[4] > layer.damage[8] >= 0
+    random = quantize(small_cnn(), feeds, QuantConfig(avg_bits=3.0, candidate_bits=(2, 4, 8),
+                                                      allocator="random", seed=3))
+    damage = {layer.layer: layer.damage for layer in measured.allocation.layers}
+    chosen = sum(damage[layer.layer][layer.bits] for layer in measured.allocation.layers)
+    randomly = sum(damage[layer.layer][layer.bits] for layer in random.allocation.layers)
+    assert chosen <= randomly
+    assert measured.fidelity.worst_cosine >= random.fidelity.worst_cosine - 1e-3
+
+
+def test_layer_rules_fix_bits_and_float(tmp_path):
+    feeds = small_cnn_feeds(8)
+    model = small_cnn()
+    names = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    result = quantize(model, feeds, QuantConfig(weight_bits=4, layer_bits=(f"{names[0]}=8", "Gemm=float")))
+    bits = {spec.node: spec.grid.bits for spec in result.plan.weights}
+    assert bits[names[0]] == 8
+    assert all(bits[name] == 4 for name in names[1:])
+    assert not any(op == "Gemm" for op in result.plan.quantized_nodes.values())
+    assert "Gemm=float" in " ".join(result.plan.float_reasons.values())
+    later = quantize(model, feeds, QuantConfig(layer_bits=("Conv=4", f"{names[0]}=8")))
+    assert {spec.node: spec.grid.bits for spec in later.plan.weights}[names[0]] == 8
+    with pytest.raises(ConfigError, match="matches no quantizable layer"):
+        quantize(model, feeds, QuantConfig(layer_bits=("nothing*=4",)))
+    with pytest.raises(ConfigError, match="PATTERN=BITS"):
+        QuantConfig(layer_bits=("Conv:4",))
+    with pytest.raises(ConfigError, match="one allocation budget"):
+        QuantConfig(avg_bits=4, max_size_mb=1)
