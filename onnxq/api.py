@@ -251,7 +251,7 @@ def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibrat
     def fidelity_of(bits: dict[str, int]) -> float:
         bits_plan = plan.with_weight_bits(bits)
         quantized = model_io.to_proto(emit(prepared, bits_plan, qparams_for(bits_plan)))
-        _, fidelity = verify(quantized, float_session, held_out, held_out=True)
+        _, fidelity = verify(quantized, float_session, held_out, held_out=True, min_cosine=None)
         return fidelity.worst_cosine
 
     quantized_bytes = 0

@@ -138,3 +138,36 @@ def test_min_cosine_failure_writes_nothing(cnn, tmp_path):
     assert run.returncode == 3
     assert "below min_cosine" in run.stderr
     assert not out.exists()
+
+
+def test_mixed_bits_rules_budget_and_card(cnn, tmp_path):
+    model, calib = cnn
+    out = tmp_path / "cnn.mixed.onnx"
+    conv = next(node.name for node in onnx.load(model).graph.node if node.op_type == "Conv")
+    run = onnxq("quantize", model, out, "--calib", calib, "--avg-bits", "5", "--candidate-bits", "4,8",
+                "--layer", f"{conv}=8", "--json")
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["allocation"]["used"] <= summary["allocation"]["limit"]
+    card = json.loads((tmp_path / "cnn.mixed.card.json").read_text())
+    layers = {layer["layer"]: layer for layer in card["layers"]}
+    assert layers[conv]["bits"] == 8 and layers[conv]["bits_from"] == f"rule {conv}=8"
+    assert all(set(layer["sensitivity"]) == {"4", "8"} for name, layer in layers.items() if name != conv)
+    assert sum(layer["bytes"] for layer in card["layers"]) < card["size"]["quantized_bytes"]
+    markdown = (tmp_path / "cnn.mixed.card.md").read_text()
+    assert "## Quantized layers" in markdown and conv in markdown
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (("--layer", "nothing*=4"), "matches no quantizable layer"),
+    (("--layer", "Conv=5"), "bits must be 2, 3, 4, 8 or float"),
+    (("--avg-bits", "4", "--max-size", "1"), "one allocation budget"),
+    (("--avg-bits", "1"), "avg_bits must be within"),
+    (("--max-size", "0.0001"), "cannot be met"),
+])
+def test_bad_mixed_bits_options_fail_in_one_line(cnn, tmp_path, args, pattern):
+    model, calib = cnn
+    out = tmp_path / "out.onnx"
+    run = onnxq("quantize", model, out, "--calib", calib, *args)
+    _assert_one_line_error(run, pattern)
+    assert not out.exists()
