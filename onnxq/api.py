@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxq import calibrate, mixed_bits, model_io
+from onnxq import calibrate, mixed_bits, model_io, sizes
 from onnxq.bias_correction import (
     RunningChannelMean,
     conv_output_shift,
@@ -32,10 +32,9 @@ from onnxq.card import card_paths, write_card
 from onnxq.comq import ComqSettings
 from onnxq.config import QuantConfig, WeightMethod, config_to_dict
 from onnxq.data import CalibrationSet, open_calibration
-from onnxq.emit import emit
+from onnxq.emit import emit, emit_options
 from onnxq.passes import INT4_MIN_OPSET, QDQ_MIN_OPSET, prepare
 from onnxq.passes.annotate import annotate, excluded_nodes
-from onnxq.passes.insert_qdq import INT2_MIN_OPSET
 from onnxq.passes.op_table import gemm_weight_axis
 from onnxq.passes.smooth import SmoothMatMulInputsPass, smoothing_candidates
 from onnxq.plan import BiasQuant, QuantPlan, WeightQuant
@@ -79,10 +78,9 @@ class QuantResult:
         return path
 
     def layer_bytes(self) -> dict[str, int]:
-        """Bytes on disk of each quantized layer's weight (codes, scales, zero points)."""
-        return {spec.node: mixed_bits.weight_bytes(tuple(self.qparams.weights[spec].codes.shape),
-                                                   spec.axis, spec.grid.bits)
-                for spec in self.plan.weights}
+        """Bytes on disk of each quantized layer (codes, scales, zero points, bias), measured on
+        the written model."""
+        return sizes.layer_bytes(self.model, self.plan)
 
     def summary(self) -> dict[str, object]:
         """A JSON-ready account of what was done and how well it went."""
@@ -153,8 +151,7 @@ def quantize(
     if config.max_feeds is not None and len(feeds) > config.max_feeds:
         feeds = feeds.subset(range(config.max_feeds))
     calibration, held_out = feeds.split(config.holdout, np.random.default_rng(config.seed))
-    opset = (INT2_MIN_OPSET if config.lowest_weight_bits == 2
-             else INT4_MIN_OPSET if config.lowest_weight_bits <= 4 else QDQ_MIN_OPSET)
+    opset = INT4_MIN_OPSET if config.lowest_weight_bits <= 4 else QDQ_MIN_OPSET
     prepared = prepare(model_io.to_ir(proto), opset)
     if config.smooth:
         _smooth(prepared, calibration, config, progress)
@@ -198,7 +195,7 @@ def quantize(
     seconds["calibrate"] += time.perf_counter() - start
 
     start = time.perf_counter()
-    quantized = model_io.to_proto(emit(prepared, plan, qparams))
+    quantized = model_io.to_proto(emit(prepared, plan, qparams, emit_options(config)))
     fidelity_feeds: CalibrationSet = held_out if len(held_out) else calibration
     _, fidelity = verify(quantized, float_session, fidelity_feeds, held_out=len(held_out) > 0,
                          min_cosine=config.min_cosine)
@@ -234,6 +231,7 @@ def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibrat
     specs = {spec.node: spec for spec in plan.weights}
     nodes = {node.name: node for node in prepared.graph}
     biases = {spec.node: spec for spec in correctable}
+    layout = emit_options(config)
 
     def values(layer: str, bits: int) -> tuple[np.ndarray, np.ndarray | None]:
         params = by_bits[bits][layer]
@@ -250,15 +248,15 @@ def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibrat
 
     def fidelity_of(bits: dict[str, int]) -> float:
         bits_plan = plan.with_weight_bits(bits)
-        quantized = model_io.to_proto(emit(prepared, bits_plan, qparams_for(bits_plan)))
+        quantized = model_io.to_proto(emit(prepared, bits_plan, qparams_for(bits_plan), layout))
         _, fidelity = verify(quantized, float_session, held_out, held_out=True, min_cosine=None)
         return fidelity.worst_cosine
 
     quantized_bytes = 0
     if config.max_size_mb is not None:
-        quantized_bytes = model_io.to_proto(emit(prepared, plan, qparams_for(plan))).ByteSize()
+        quantized_bytes = model_io.to_proto(emit(prepared, plan, qparams_for(plan), layout)).ByteSize()
     report = mixed_bits.allocate_bits(
-        prepared, plan, config, calibration, values, quantized_bytes,
+        prepared, plan, config, calibration, values, quantized_bytes, layout,
         fidelity_of if len(held_out) else None, _stage(progress, "sensitivity", len(free)))
     plan = mixed_bits.plan_with_allocation(plan, report)
     return plan, mixed_bits.params_for_bits(by_bits, plan), report
@@ -268,7 +266,7 @@ def _sequential_comq(prepared: ir.Model, plan: QuantPlan, qparams: QParams,
                      targets: dict, calibration: CalibrationSet, progress) -> dict:
     """COMQ again, on the inputs each layer sees in the quantized model (earlier layers'
     weights and all activations quantized) rather than the float inputs."""
-    quantized = emit(prepared, plan, qparams)
+    quantized = emit(prepared, plan, qparams)  # DQ layout: every layer keeps its node
     nodes = {node.name: node for node in quantized.graph}
     grams = gram_observers(targets)
     observers: dict[str, list[calibrate.Observer]] = {}

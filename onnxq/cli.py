@@ -98,8 +98,9 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="Bits the allocator chooses from, e.g. 4,8 [default: 2,3,4,8].")
 @click.option("--sensitivity", type=click.Choice(["mse", "kl", "infonce"]), default=None,
               help="Damage measure of the allocator's per-layer probes [default: mse].")
-@click.option("--matmul-nbits", is_flag=True, default=None,
-              help="Write 2-4-bit MatMul weights as com.microsoft MatMulNBits (ORT 4-bit kernel).")
+@click.option("--no-matmul-nbits", is_flag=True, default=None,
+              help="Write 2-4-bit MatMul weights as DequantizeLinear -> MatMul rather than "
+                   "com.microsoft MatMulNBits (ORT's 4-bit kernel, the default).")
 @click.option("--no-gather", is_flag=True, default=None,
               help="Keep embedding tables read by Gather float.")
 @click.option("--percentile", type=float, default=None,
@@ -134,7 +135,7 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 def quantize_command(input_path: Path, output_path: Path, calib: Path, method: str | None,
                      weight_bits: str | None, layer_bits: tuple[str, ...], avg_bits: float | None,
                      max_size_mb: float | None, max_bops: float | None, max_drop: float | None,
-                     candidate_bits: str | None, sensitivity: str | None, matmul_nbits: bool | None,
+                     candidate_bits: str | None, sensitivity: str | None, no_matmul_nbits: bool | None,
                      no_gather: bool | None, percentile: float | None, per_tensor: bool | None,
                      act_type: str | None,
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
@@ -156,7 +157,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
         weight_bits=int(weight_bits) if weight_bits else None,
         layer_bits=layer_bits, avg_bits=avg_bits, max_size_mb=max_size_mb, max_bops=max_bops,
         max_drop=max_drop, candidate_bits=_bits_list(candidate_bits), sensitivity=sensitivity,
-        matmul_nbits=matmul_nbits, quantize_gather=False if no_gather else None,
+        matmul_nbits=False if no_matmul_nbits else None, quantize_gather=False if no_gather else None,
         percentile=percentile,
         weight_granularity=PerTensor() if per_tensor else None,
         activation_type=ActivationType(act_type) if act_type else None,

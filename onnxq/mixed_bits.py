@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxq import sensitivity
+from onnxq import sensitivity, sizes
 from onnxq.allocate import Knapsack, solve
 from onnxq.config import QuantConfig
 from onnxq.data import CalibrationSet
+from onnxq.emit import EmitOptions
 from onnxq.errors import ConfigError
 from onnxq.plan import QuantPlan, WeightQuant
 
@@ -77,15 +78,6 @@ class AllocationReport:
         return {layer.layer: layer.bits for layer in self.layers}
 
 
-def weight_bytes(shape: tuple[int, ...], axis: int | None, bits: int) -> int:
-    """Bytes on disk of a weight at `bits`: codes (int4 container below 5 bits, two per byte;
-    int8 otherwise), a float32 scale and a zero point per channel."""
-    storage = 4 if bits <= 4 else 8
-    elements = math.prod(shape)
-    channels = shape[axis] if axis is not None else 1
-    return math.ceil(elements * storage / 8) + 4 * channels + math.ceil(channels * storage / 8)
-
-
 # Called as values(layer, bits) -> (dequantized weight, corrected bias or None).
 CandidateValues = Callable[[str, int], tuple[np.ndarray, np.ndarray | None]]
 # Called with {layer: bits}: the worst output cosine of that model on held-out feeds.
@@ -99,13 +91,15 @@ def allocate_bits(
     feeds: CalibrationSet,
     values: CandidateValues,
     quantized_bytes: int,
+    layout: EmitOptions,
     fidelity_of: FidelityProbe | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> AllocationReport:
     """Bits for every weight layer of `plan` under `config`'s budget.
 
-    `quantized_bytes` is the size of the model emitted with `plan` as it is (the size budget
-    is met by changing the weights' part of it).
+    `quantized_bytes` is the size of the model emitted with `plan` as it is, in the emitter's
+    `layout` (the size budget is met by changing the layers' part of it, as
+    `sizes.predict_layer_bytes` predicts it).
     """
     start = time.perf_counter()
     nodes = {node.name: node for node in model.graph}
@@ -113,6 +107,7 @@ def allocate_bits(
     shapes = {name: tuple(nodes[name].inputs[spec.input_index].const_value.shape)
               for name, spec in specs.items()}
     free = [name for name in specs if name not in plan.bits_rules]
+    geometry = {name: sizes.layer_geometry(model, plan, spec) for name, spec in specs.items()}
     candidates = tuple(sorted(set(config.candidate_bits)))
     probe_feeds = [feeds.feed(i) for i in range(min(len(feeds), config.sensitivity_feeds))]
     if config.allocator == "random":
@@ -130,7 +125,7 @@ def allocate_bits(
         if budget in ("avg_bits", "max_drop"):
             return bits * math.prod(shapes[name])
         if budget == "max_size_mb":
-            return weight_bytes(shapes[name], specs[name].axis, bits)
+            return sizes.predict_layer_bytes(geometry[name], bits, layout)
         return macs[name] * bits * ACTIVATION_BITS
 
     budget = config.allocation_budget

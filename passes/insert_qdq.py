@@ -12,11 +12,42 @@ and a bias b becomes an int32 initializer with scale s_x * s_w and zero point 0 
 ORT then fuses DQ -> Conv -> Q into QLinearConv, DQ -> MatMul into MatMulIntegerToFloat, and
 drops Q/DQ pairs around chain ops whose input and output share parameters. A tensor that is a
 graph output keeps feeding the output in float.
+
+Code storage (`weight_storage`): 5-8 bit codes as int8 / uint8; 2-4 bit codes as int4 / uint4
+(two codes per byte, opset 21; 2- and 3-bit codes keep their clipped ranges [-2, 1] / [-4, 3]
+in the int4 container). Packed int2 (four per byte, opset 25) is opt-in (`EmitOptions.int2`)
+and off by default: ONNX Runtime 1.31 runs DequantizeLinear on int2 by itself, but its QDQ
+fusions take int2 for int8 (DQ(int2) -> Conv -> Q becomes a QLinearConv, likewise QGemm and
+QLinearMatMul, which then fail to load), and its DQ(int2) -> MatMul -> MatMulNBits fusion
+reads a (K, N) weight wrongly when N is not a multiple of 4 (those stay int4 even when
+opted in).
+
+With `EmitOptions.matmul_nbits`, a 2-4 bit 2-D MatMul weight (K, N) becomes com.microsoft
+MatMulNBits (bits=4, block-wise along K):
+
+    x -> [Q -> DQ] -> MatMul(W)        becomes        x -> [Q -> DQ] -> MatMulNBits(B, scales)
+
+B is (N, K_blocks, block_size / 2) uint8 holding q = code - zero_point + 8 (low nibble first,
+the last block padded with q = 8, i.e. 0), and scales (N * K_blocks) repeat the per-channel
+scale over the K blocks, so W_hat = (q - 8) * s is exactly the searcher's (codes - z) * s.
+No zero_points input: MatMulNBits assumes 8 when it is absent.
+
+A 2-4 bit embedding table T (V, D) read by Gather(axis 0) with per-row scales becomes
+com.microsoft GatherBlockQuantized (`EmitOptions.gather_block_quantized`):
+
+    T_q (int4) -> DQ(axis 0) -> Gather(ids)   becomes   GatherBlockQuantized(T_q, ids, scales)
+
+with blocks of bs | D along each row (quantize_axis 1) and scales (V, D / bs) repeating each
+row's scale; zero points (int4, same shape) only where they are not all 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
+import math
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -25,8 +56,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxq import numerics
 from onnxq.numerics import IntRange
-from onnxq.plan import QuantPlan
-from onnxq.qparams import QParams
+from onnxq.plan import QuantPlan, WeightQuant
+from onnxq.qparams import QParams, WeightParams
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +76,159 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def storage_dtype(grid: IntRange) -> np.dtype:
-    """Codes of 2 to 4 bits are stored as int4 / uint4 (packed two per byte, opset 21); 5 to 8
-    bits as int8 / uint8."""
-    if grid.bits <= 4:
+INT2_MIN_OPSET = 25  # int2 / uint2 DequantizeLinear inputs
+NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)  # block sizes with MLAS MatMulNBits kernels
+NBITS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class EmitOptions:
+    """How the emitter lays out weights; never what their values are.
+
+    matmul_nbits: 2-4 bit 2-D MatMul weights as com.microsoft MatMulNBits (bits=4).
+    nbits_accuracy_level: MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
+        activations inside the kernel).
+    nbits_block_size: block size along K; None picks, per layer, the one of
+        NBITS_BLOCK_SIZES that gives the fewest bytes (scales repeat over blocks, so the
+        block size changes storage and speed, never the dequantized weight).
+    nbits_activation_qdq: keep the activation Q -> DQ in front of a MatMulNBits (when False,
+        the kernel reads the float activation).
+    int2: store 2-bit codes as packed int2 (opset 25). Off: ORT 1.31 cannot load the fused
+        integer kernels it makes of them (see the module docstring).
+    gather_block_quantized: a 2-4 bit embedding table (Gather along axis 0, per-row scales)
+        as com.microsoft GatherBlockQuantized, which dequantizes only the gathered rows; a
+        DQ -> Gather dequantizes the whole table on every run (MiniLM: ~10 ms of a 25 ms run).
+    """
+
+    matmul_nbits: bool = False
+    nbits_accuracy_level: int = 4
+    nbits_block_size: int | None = None
+    nbits_activation_qdq: bool = False
+    int2: bool = False
+    gather_block_quantized: bool = True
+
+    def __post_init__(self) -> None:
+        if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"nbits_accuracy_level must be 0 to 4, got {self.nbits_accuracy_level}")
+        if self.nbits_block_size is not None and self.nbits_block_size not in NBITS_BLOCK_SIZES:
+            raise ValueError(f"nbits_block_size must be one of {NBITS_BLOCK_SIZES}, "
+                             f"got {self.nbits_block_size}")
+
+
+class Storage(enum.Enum):
+    """How a weight's codes are written: a DQ container, or a com.microsoft block kernel."""
+
+    INT8 = "int8"
+    INT4 = "int4"
+    INT2 = "int2"
+    NBITS = "MatMulNBits"  # 4-bit blocks along K
+    GATHER_BLOCKS = "GatherBlockQuantized"  # int4 table, blocks along each row
+
+    @property
+    def bits(self) -> int:
+        """Bits per stored code."""
+        return {Storage.INT8: 8, Storage.INT2: 2}.get(self, 4)
+
+
+def weight_storage(op_type: str, shape: tuple[int, ...], axis: int | None, grid: IntRange,
+                   options: EmitOptions) -> Storage:
+    """The container of a weight's codes (see the module docstring)."""
+    if grid.bits > 4:
+        return Storage.INT8
+    if (options.matmul_nbits and op_type == "MatMul" and len(shape) == 2
+            and (axis is None or axis % 2 == 1)):
+        return Storage.NBITS
+    if (options.gather_block_quantized and op_type == "Gather" and len(shape) == 2
+            and axis in (None, 0) and gather_block_size(shape[1]) is not None):
+        return Storage.GATHER_BLOCKS
+    if grid.bits <= 2 and options.int2 and not (op_type == "MatMul" and shape[-1] % 4):
+        return Storage.INT2
+    return Storage.INT4
+
+
+def storage_dtype(grid: IntRange, storage: Storage | None = None) -> np.dtype:
+    """numpy dtype of codes of `grid` in a container: int2 / uint2 (four per byte, opset 25),
+    int4 / uint4 (two per byte, opset 21) or int8 / uint8. Without `storage`: int4 up to 4
+    bits."""
+    storage = storage or (Storage.INT4 if grid.bits <= 4 else Storage.INT8)
+    if storage is Storage.INT2:
+        return np.dtype(ml_dtypes.int2 if grid.signed else ml_dtypes.uint2)
+    if storage in (Storage.INT4, Storage.NBITS, Storage.GATHER_BLOCKS):
         return np.dtype(ml_dtypes.int4 if grid.signed else ml_dtypes.uint4)
     return grid.dtype
+
+
+def gather_block_size(row: int) -> int | None:
+    """The largest block size of NBITS_BLOCK_SIZES dividing a table's row length, if any."""
+    sizes = [size for size in NBITS_BLOCK_SIZES if row % size == 0]
+    return max(sizes) if sizes else None
+
+
+def nbits_block_size(k: int, options: EmitOptions) -> int:
+    """The configured block size, or the one giving the fewest bytes for K (ties: smaller)."""
+    if options.nbits_block_size is not None:
+        return options.nbits_block_size
+    return min(NBITS_BLOCK_SIZES, key=lambda size: math.ceil(k / size) * (size // 2 + 4))
+
+
+def _nbits_shifted(codes: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """c - z + 8 (the kernel's implied zero point is 8), as int16, for (K, N) codes."""
+    return codes.astype(np.int16) - np.asarray(zero_point, np.int16).reshape(1, -1) + 8
+
+
+def nbits_fits(codes: np.ndarray, zero_point: np.ndarray) -> bool:
+    """Whether c - z lies in [-8, 7] everywhere, so MatMulNBits needs no zero_points input."""
+    shifted = _nbits_shifted(codes, zero_point)
+    return bool(shifted.min(initial=8) >= 0 and shifted.max(initial=8) <= 15)
+
+
+def pack_nbits(codes: np.ndarray, zero_point: np.ndarray, block_size: int) -> np.ndarray:
+    """(K, N) codes -> MatMulNBits B (N, K_blocks, block_size / 2) uint8 holding q = c - z + 8,
+    low nibble first; the last block is padded with q = 8 (zero)."""
+    k, n = codes.shape
+    blocks = math.ceil(k / block_size)
+    shifted = _nbits_shifted(codes, zero_point)
+    if shifted.min(initial=8) < 0 or shifted.max(initial=8) > 15:
+        raise ValueError("codes minus zero point must lie in [-8, 7] for MatMulNBits")
+    q = np.full((n, blocks * block_size), 8, np.uint8)
+    q[:, :k] = shifted.T.astype(np.uint8)
+    q = q.reshape(n, blocks, block_size // 2, 2)
+    return (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8)
+
+
+def spec_storage(node: ir.Node, spec: WeightQuant, params: WeightParams,
+                 options: EmitOptions) -> Storage:
+    """`weight_storage` for one planned weight; MatMulNBits only where its implied zero point
+    (8) can express the codes (c - z in [-8, 7]), else the DQ containers."""
+    storage = weight_storage(node.op_type, params.codes.shape, spec.axis, spec.grid, options)
+    if storage is Storage.NBITS and (spec.input_index != 1
+                                     or not nbits_fits(params.codes, params.zero_point)):
+        storage = weight_storage(node.op_type, params.codes.shape, spec.axis, spec.grid,
+                                 dataclasses.replace(options, matmul_nbits=False))
+    return storage
+
+
+def required_opset(model: ir.Model, plan: QuantPlan, qparams: QParams,
+                   options: EmitOptions) -> int:
+    """The default-domain opset the weight containers need: 25 for int2, 21 for int4, else
+    13 (per-channel DequantizeLinear)."""
+    nodes = {node.name: node for node in model.graph}
+    needed = 13
+    for spec in plan.weights:
+        storage = spec_storage(nodes[spec.node], spec, qparams.weights[spec], options)
+        needed = max(needed, {Storage.INT2: INT2_MIN_OPSET, Storage.INT4: 21}.get(storage, 13))
+    return needed
+
+
+def _before_qdq(value: ir.Value) -> ir.Value:
+    """The float tensor in front of a Q -> DQ pair ending in `value` (else `value` itself)."""
+    dequantize = value.producer()
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return value
+    quantize = dequantize.inputs[0].producer()
+    if quantize is None or quantize.op_type != "QuantizeLinear":
+        return value
+    return quantize.inputs[0]
 
 
 def _unique_stem(graph: ir.Graph, stem: str) -> str:
@@ -64,10 +242,19 @@ def _unique_stem(graph: ir.Graph, stem: str) -> str:
 class InsertQDQPass(ir.passes.InPlacePass):
     """Rewrite a prepared model with the Q/DQ nodes of `plan` and `qparams`."""
 
-    def __init__(self, plan: QuantPlan, qparams: QParams) -> None:
+    def __init__(self, plan: QuantPlan, qparams: QParams,
+                 options: EmitOptions | None = None) -> None:
         super().__init__()
         self.plan = plan
         self.qparams = qparams
+        self.options = options or EmitOptions()
+
+    def requires(self, model: ir.Model) -> None:
+        needed = required_opset(model, self.plan, self.qparams, self.options)
+        opset = model.opset_imports.get("", 1)
+        if opset < needed:
+            raise ValueError(f"the plan's weight containers need opset {needed}, the model has "
+                             f"{opset}: prepare (or emit) the model at opset {needed}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -85,14 +272,21 @@ class InsertQDQPass(ir.passes.InPlacePass):
             params = self.qparams.weights[spec]
             node = nodes[spec.node]
             stem = _unique_stem(graph, spec.tensor)
-            storage = storage_dtype(spec.grid)
-            codes = _initializer(graph, f"{stem}_q", params.codes.astype(storage))
+            weight_scales[spec.node] = params.scale
+            storage = spec_storage(node, spec, params, self.options)
+            if storage is Storage.NBITS:
+                nodes[spec.node] = self._matmul_nbits(model, node, spec, params, stem)
+                continue
+            if storage is Storage.GATHER_BLOCKS:
+                nodes[spec.node] = self._gather_blocks(model, node, spec, params, stem)
+                continue
+            dtype = storage_dtype(spec.grid, storage)
+            codes = _initializer(graph, f"{stem}_q", params.codes.astype(dtype))
             scale = _initializer(graph, f"{stem}_s", params.scale.astype(np.float32))
-            zero_point = _initializer(graph, f"{stem}_zp", params.zero_point.astype(storage))
+            zero_point = _initializer(graph, f"{stem}_zp", params.zero_point.astype(dtype))
             dequantized = self._dequantize(graph, node, [codes, scale, zero_point], spec.axis,
                                            f"{stem}_dq")
             node.replace_input_with(spec.input_index, dequantized)
-            weight_scales[spec.node] = params.scale
         for spec in self.plan.biases:
             node = nodes[spec.node]
             group = self.plan.group_of(spec.activation)
@@ -113,6 +307,56 @@ class InsertQDQPass(ir.passes.InPlacePass):
         TopologicalSortPass()(model)
         modified = bool(self.plan.activation_groups or self.plan.weights)
         return ir.passes.PassResult(model, modified=modified)
+
+    def _matmul_nbits(self, model: ir.Model, node: ir.Node, spec: WeightQuant,
+                      params: WeightParams, stem: str) -> ir.Node:
+        """Replace MatMul(x, W) by MatMulNBits(x, B, scales) holding W's codes and scales."""
+        graph = model.graph
+        k, n = params.codes.shape
+        block = nbits_block_size(k, self.options)
+        blocks = math.ceil(k / block)
+        zero_point = np.broadcast_to(np.asarray(params.zero_point).reshape(-1), (n,))
+        scale = np.broadcast_to(np.asarray(params.scale, np.float32).reshape(-1), (n,))
+        packed = _initializer(graph, f"{stem}_q", pack_nbits(params.codes, zero_point, block))
+        scales = _initializer(graph, f"{stem}_s", np.repeat(scale, blocks).astype(np.float32))
+        activation = node.inputs[0]
+        if not self.options.nbits_activation_qdq:
+            activation = _before_qdq(activation)
+        attributes = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
+                      ir.AttrInt64("block_size", block),
+                      ir.AttrInt64("accuracy_level", self.options.nbits_accuracy_level)]
+        replacement = ir.Node(NBITS_DOMAIN, "MatMulNBits", [activation, packed, scales],
+                              attributes, num_outputs=1, name=node.name)
+        model.opset_imports.setdefault(NBITS_DOMAIN, 1)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement],
+                                                node.outputs, replacement.outputs)
+        return replacement
+
+    def _gather_blocks(self, model: ir.Model, node: ir.Node, spec: WeightQuant,
+                       params: WeightParams, stem: str) -> ir.Node:
+        """Replace Gather(T, ids) by GatherBlockQuantized(T_q, ids, scales[, zero points])."""
+        graph = model.graph
+        rows, row = params.codes.shape
+        block = gather_block_size(row)
+        blocks = row // block
+
+        def per_block(values: np.ndarray, dtype) -> np.ndarray:
+            values = np.broadcast_to(np.asarray(values).reshape(-1, 1), (rows, 1))
+            return np.repeat(values, blocks, axis=1).astype(dtype)
+
+        dtype = storage_dtype(spec.grid, Storage.GATHER_BLOCKS)
+        inputs = [_initializer(graph, f"{stem}_q", params.codes.astype(dtype)), node.inputs[1],
+                  _initializer(graph, f"{stem}_s", per_block(params.scale, np.float32))]
+        if np.any(np.asarray(params.zero_point) != 0):
+            inputs.append(_initializer(graph, f"{stem}_zp", per_block(params.zero_point, dtype)))
+        attributes = [ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
+                      ir.AttrInt64("block_size", block), ir.AttrInt64("bits", 4)]
+        replacement = ir.Node(NBITS_DOMAIN, "GatherBlockQuantized", inputs, attributes,
+                              num_outputs=1, name=node.name)
+        model.opset_imports.setdefault(NBITS_DOMAIN, 1)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement],
+                                                node.outputs, replacement.outputs)
+        return replacement
 
     @staticmethod
     def _insert_pair(graph: ir.Graph, value: ir.Value, scale: ir.Value,

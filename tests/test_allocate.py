@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphs import small_cnn, small_cnn_feeds, tiny_attention
 
+from graphs import small_cnn, small_cnn_feeds, tiny_attention
 from onnxq import QuantConfig, model_io, quantize
 from onnxq.allocate import Knapsack, brute_force, solve
 from onnxq.errors import ConfigError
@@ -21,7 +21,8 @@ def _random_problem(rng: np.random.Generator, groups: int) -> Knapsack:
     elements = rng.integers(10, 1000, size=groups)
     cost = elements[:, None] * np.array(CANDIDATES)[None, :]
     # damage falls with bits, by a factor of about 4 per bit, with noise
-    damage = rng.random((groups, 1)) * 4.0 ** -np.array(CANDIDATES)[None, :] * rng.uniform(0.5, 2, (groups, 4))
+    damage = (rng.random((groups, 1)) * 4.0 ** -np.array(CANDIDATES)[None, :]
+              * rng.uniform(0.5, 2, (groups, 4)))
     return Knapsack(CANDIDATES, damage, cost.astype(float))
 
 

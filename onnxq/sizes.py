@@ -1,0 +1,181 @@
+"""Bytes on disk per layer: measured on an emitted model, and predicted before emitting.
+
+A tensor's payload is ceil(elements * storage bits / 8) bytes: int4 codes two per byte, int2
+four per byte, float32 scales and int32 biases four bytes each. Protobuf framing (names, dims,
+field tags: tens of bytes per tensor) is not counted, so the payloads of all initializers sum
+to a little less than the file size.
+
+A quantized layer's bytes are its weight codes, scales and zero points, and its int32 bias
+with the bias scales (s_x * s_w, one per weight scale), or for a MatMulNBits layer its packed
+blocks and repeated scales:
+
+    DQ containers:  ceil(E * b / 8) + 4 C + ceil(C * b / 8)  [+ 4 B + 4 C with a bias]
+    MatMulNBits:    N * ceil(K / bs) * (bs / 2 + 4)
+    GatherBlockQuantized (V, D) table:  V * D / 2 + 4 V D / bs  [+ V D / (2 bs) unsigned]
+
+with E weight elements, C scale channels (1 per tensor), b the container bits (8, 4 or 2),
+B bias elements and bs the block size. `predict_layer_bytes` computes this from a
+`LayerGeometry` (read off the prepared model); `layer_bytes` measures the emitted model. The
+allocator uses the prediction for `max_size_mb` budgets; the two agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import onnx
+import onnx_ir as ir
+
+from onnxq.numerics import IntRange
+from onnxq.passes.insert_qdq import (
+    EmitOptions,
+    Storage,
+    gather_block_size,
+    nbits_block_size,
+    weight_storage,
+)
+from onnxq.plan import QuantPlan, WeightQuant
+
+# Key of the activation scales and zero points (shared by the Q/DQ pairs of a group).
+ACTIVATION_QPARAMS = "(activation qparams)"
+
+
+def tensor_bytes(value: ir.Value) -> int:
+    """Payload bytes of an initializer as serialized (sub-byte types packed)."""
+    tensor = value.const_value
+    if tensor is None:
+        return 0
+    return math.ceil(math.prod(tensor.shape.numpy()) * tensor.dtype.bitwidth / 8)
+
+
+def _as_ir(model: ir.Model | onnx.ModelProto) -> ir.Model:
+    return ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
+
+
+def _weight_initializers(node: ir.Node) -> list[ir.Value]:
+    """Initializers a node reads directly or through a DequantizeLinear of a constant."""
+    found = []
+    for value in node.inputs:
+        if value is None:
+            continue
+        if value.is_initializer():
+            found.append(value)
+            continue
+        producer = value.producer()
+        if (producer is not None and producer.op_type == "DequantizeLinear"
+                and producer.inputs[0] is not None and producer.inputs[0].is_initializer()):
+            found.extend(v for v in producer.inputs if v is not None and v.is_initializer())
+    return found
+
+
+def layer_bytes(model: ir.Model | onnx.ModelProto, plan: QuantPlan) -> dict[str, int]:
+    """{node name: payload bytes} of an emitted model, every initializer counted once.
+
+    Quantized layers (the plan's weight nodes) hold their codes, scales, zero points and bias;
+    a float node holds the float initializers it reads (LayerNorm gains, excluded layers, ...);
+    an initializer read by several nodes goes to the first in graph order. The activations'
+    scales and zero points are under `ACTIVATION_QPARAMS`. The values sum to all initializer
+    payloads.
+    """
+    model = _as_ir(model)
+    graph = model.graph
+    quantized = {spec.node for spec in plan.weights}
+    counted: set[int] = set()
+    result: dict[str, int] = {}
+    # Quantized layers first, so that their codes / scales are theirs even if shared.
+    ordered = sorted(graph, key=lambda node: node.name not in quantized)
+    for node in ordered:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain == "":
+            continue  # reached through their consumers; what is left is activation qparams
+        total = 0
+        values = (_weight_initializers(node) if node.name in quantized
+                  else [v for v in node.inputs if v is not None and v.is_initializer()])
+        for value in values:
+            if id(value) not in counted:
+                counted.add(id(value))
+                total += tensor_bytes(value)
+        if total or node.name in quantized:
+            result[node.name] = result.get(node.name, 0) + total
+    rest = sum(tensor_bytes(v) for v in graph.initializers.values() if id(v) not in counted)
+    if rest:
+        result[ACTIVATION_QPARAMS] = rest
+    return result
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """What a layer's size depends on: its op, weight shape, channel axis and bias length."""
+
+    op_type: str
+    weight_shape: tuple[int, ...]
+    axis: int | None
+    bias_elements: int = 0
+    signed: bool = True
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.weight_shape)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.axis is None else self.weight_shape[self.axis]
+
+
+def layer_geometry(model: ir.Model, plan: QuantPlan, spec: WeightQuant) -> LayerGeometry:
+    """The geometry of one planned weight, read from the prepared (float) model."""
+    weight = model.graph.initializers[spec.tensor].const_value
+    bias_elements = 0
+    for bias in plan.biases:
+        if bias.node == spec.node:
+            bias_elements = math.prod(model.graph.initializers[bias.tensor].const_value.shape)
+    nodes = {node.name: node for node in model.graph}
+    return LayerGeometry(nodes[spec.node].op_type, tuple(weight.shape.numpy()), spec.axis,
+                         bias_elements, spec.grid.signed)
+
+
+def predict_layer_bytes(geometry: LayerGeometry, bits: int,
+                        options: EmitOptions | None = None) -> int:
+    """Payload bytes the emitter will write for a layer at `bits` (symmetric codes)."""
+    options = options or EmitOptions()
+    grid = IntRange(bits, geometry.signed)
+    storage = weight_storage(geometry.op_type, geometry.weight_shape, geometry.axis, grid, options)
+    if storage is Storage.NBITS:
+        k, n = geometry.weight_shape
+        block = nbits_block_size(k, options)
+        return n * math.ceil(k / block) * (block // 2 + 4)
+    if storage is Storage.GATHER_BLOCKS:
+        rows, row = geometry.weight_shape
+        scales = rows * (row // gather_block_size(row))
+        zero_points = 0 if geometry.signed else math.ceil(scales * 4 / 8)
+        return math.ceil(rows * row * 4 / 8) + 4 * scales + zero_points
+    channels = geometry.channels
+    total = (math.ceil(geometry.elements * storage.bits / 8) + 4 * channels
+             + math.ceil(channels * storage.bits / 8))
+    if geometry.bias_elements:
+        total += 4 * geometry.bias_elements + 4 * channels
+    return total
+
+
+def predicted_layer_bytes(model: ir.Model, plan: QuantPlan,
+                          options: EmitOptions | None = None) -> dict[str, int]:
+    """`predict_layer_bytes` for every planned weight at its planned bits."""
+    return {spec.node: predict_layer_bytes(layer_geometry(model, plan, spec), spec.grid.bits,
+                                           options)
+            for spec in plan.weights}
+
+
+def unquantized_bytes(model: ir.Model, plan: QuantPlan) -> int:
+    """Payload bytes that no layer's bit-width changes, predicted from the prepared model: the
+    initializers the plan leaves float, plus each activation group's scale (float32) and zero
+    point (one byte). Equals the measured `layer_bytes` of every non-quantized key together
+    (protobuf framing of the file is not included), except that a group read only by
+    MatMulNBits layers that drop their activation Q/DQ loses its 5 bytes."""
+    replaced = {spec.tensor for spec in plan.weights} | {spec.tensor for spec in plan.biases}
+    still_read = {value.name for node in model.graph for value in node.inputs
+                  if value is not None and value.is_initializer()
+                  and not any(spec.node == node.name and spec.tensor == value.name
+                              for spec in [*plan.weights, *plan.biases])}
+    kept = sum(tensor_bytes(value) for name, value in model.graph.initializers.items()
+               if name not in replaced or name in still_read)
+    return kept + sum(4 + math.ceil(group.grid.bits / 8) for group in plan.activation_groups)
