@@ -295,6 +295,18 @@ def run_model(name: str, rows: list[RowSpec], feeds: int, plan: LatencyPlan, wor
 # --- machine ---------------------------------------------------------------------------------------
 
 
+def merged_rows(previous: dict[str, Any] | None, fresh: dict[str, Any]) -> dict[str, Any]:
+    """A model's fresh results, keeping the previous rows that were not re-run (--merge), in
+    the order of ROWS."""
+    if not previous:
+        return fresh
+    rows = {row["label"]: row for row in previous["rows"]}
+    rows.update({row["label"]: row for row in fresh["rows"]})
+    order = {label: index for index, label in enumerate(["float", *ROW_BY_LABEL])}
+    fresh["rows"] = sorted(rows.values(), key=lambda row: order.get(row["label"], len(order)))
+    return fresh
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -412,8 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxq-bench-") as folder:
         for name in models:
-            report["models"][name] = run_model(name, rows, feeds, plan, Path(folder), logs,
-                                              Limits(args.timeout, args.max_rss_gb * 1024))
+            fresh = run_model(name, rows, feeds, plan, Path(folder), logs,
+                              Limits(args.timeout, args.max_rss_gb * 1024))
+            report["models"][name] = merged_rows(report["models"].get(name), fresh)
             shutil.rmtree(Path(folder) / name, ignore_errors=True)
             write_reports(report, out)  # after every model: a long run leaves partial results
     print(f"done in {time.perf_counter() - start:.0f} s; wrote {out}", flush=True)
