@@ -190,8 +190,8 @@ def plot_accuracy_vs_size(report: dict[str, Any], path: Path) -> None:
 MIXED_CURVES = (  # (legend, label pattern of the rows on the curve, style)
     ("uniform bits, round to nearest", ("onnxq default", "onnxq W?A8 rtn"), "o-"),
     ("uniform bits, COMQ", ("onnxq default", "onnxq W?A8 comq"), "s-"),
-    ("mixed bits (allocator), round to nearest", ("onnxq mixed *b rtn",), "^--"),
-    ("mixed bits (allocator), COMQ", ("onnxq mixed *b comq",), "v--"),
+    ("mixed bits (allocator), round to nearest", ("onnxq mixed * rtn",), "^--"),
+    ("mixed bits (allocator), COMQ", ("onnxq mixed * comq",), "v--"),
     ("mixed bits, random allocation", ("onnxq mixed *b random s*",), "x"),
 )
 

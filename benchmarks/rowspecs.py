@@ -57,8 +57,8 @@ def _options(**values: Any) -> tuple[tuple[str, Any], ...]:
 
 
 _ORT_HISTOGRAM = ("Entropy", "Percentile")
-MIXED_BUDGETS = (3.0, 4.0, 5.0, 6.0)  # mean weight bits
-RANDOM_BUDGET = 4.0
+MIXED_AVG_BITS = 4.0  # mean weight bits
+MIXED_SIZE_RATIOS = (0.15, 0.17, 0.20, 0.23)  # file size / float
 
 ROWS: tuple[RowSpec, ...] = (
     # onnxq: its default config, then each calibration method on the otherwise default config.
@@ -70,13 +70,18 @@ ROWS: tuple[RowSpec, ...] = (
               _options(weight_bits=bits, weight_method=method))
       for bits in (4, 3) for method in ("rtn", "comq")),
     # Mixed per-layer weight bits (2, 3, 4 or 8 per layer, 8-bit activations) chosen by measured
-    # sensitivity under a mean-bits budget; then the same budget allocated at random (several
-    # seeds), the baseline that shows whether the sensitivity signal is real.
-    *(RowSpec(f"onnxq mixed {budget:g}b {method}", "onnxq", "onnxq",
-              _options(avg_bits=budget, weight_method=method))
-      for method in ("rtn", "comq") for budget in MIXED_BUDGETS),
-    *(RowSpec(f"onnxq mixed {RANDOM_BUDGET:g}b random s{seed}", "onnxq", "onnxq",
-              _options(avg_bits=RANDOM_BUDGET, allocator="random", seed=seed))
+    # sensitivity, under a mean-bits budget and under file-size budgets (fractions of the float
+    # file); then the mean-bits budget allocated at random (several seeds), the baseline that
+    # shows whether the sensitivity signal is real.
+    *(RowSpec(f"onnxq mixed {MIXED_AVG_BITS:g}b {method}", "onnxq", "onnxq",
+              _options(avg_bits=MIXED_AVG_BITS, weight_method=method))
+      for method in ("rtn", "comq")),
+    *(RowSpec(f"onnxq mixed {ratio:g}x {method}", "onnxq", "onnxq",
+              _options(max_size_ratio=ratio, weight_method=method))
+      for method, ratios in (("rtn", MIXED_SIZE_RATIOS), ("comq", MIXED_SIZE_RATIOS[1:3]))
+      for ratio in ratios),
+    *(RowSpec(f"onnxq mixed {MIXED_AVG_BITS:g}b random s{seed}", "onnxq", "onnxq",
+              _options(avg_bits=MIXED_AVG_BITS, allocator="random", seed=seed))
       for seed in range(3)),
     # ORT quantize_static: QDQ, per-channel int8 weights, uint8 activations.
     *(RowSpec(f"ORT {method}", "ort_static", "ORT", _options(method=method))

@@ -296,11 +296,11 @@ def run_model(name: str, rows: list[RowSpec], feeds: int, plan: LatencyPlan, wor
 
 
 def merged_rows(previous: dict[str, Any] | None, fresh: dict[str, Any]) -> dict[str, Any]:
-    """A model's fresh results, keeping the previous rows that were not re-run (--merge), in
-    the order of ROWS."""
+    """A model's fresh results, keeping the previous rows that were not re-run (--merge) and
+    still exist, in the order of ROWS."""
     if not previous:
         return fresh
-    rows = {row["label"]: row for row in previous["rows"]}
+    rows = {row["label"]: row for row in previous["rows"] if row["label"] in ROW_BY_LABEL}
     rows.update({row["label"]: row for row in fresh["rows"]})
     order = {label: index for index, label in enumerate(["float", *ROW_BY_LABEL])}
     fresh["rows"] = sorted(rows.values(), key=lambda row: order.get(row["label"], len(order)))

@@ -180,7 +180,7 @@ def quantize(
         start = time.perf_counter()
         plan, weights, allocation = _allocate(prepared, plan, config, calibration, held_out,
                                               float_session, activations, grams_by_node,
-                                              correctable, input_means, progress)
+                                              correctable, input_means, proto.ByteSize(), progress)
         seconds["allocate"] = time.perf_counter() - start
         start = time.perf_counter()
     else:
@@ -220,7 +220,8 @@ def _weight_params(prepared: ir.Model, plan: QuantPlan,
 def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibration: CalibrationSet,
               held_out: CalibrationSet, float_session, activations: dict,
               grams_by_node: dict[str, object], correctable: dict[BiasQuant, int],
-              input_means: dict[str, RunningChannelMean], progress: ProgressCallback | None):
+              input_means: dict[str, RunningChannelMean], float_bytes: int,
+              progress: ProgressCallback | None):
     """Mixed bits: every free layer's parameters at each candidate bit-width, their measured
     sensitivity, and the knapsack's choice under the budget (onnxq.mixed_bits)."""
     free = [spec.node for spec in plan.weights if spec.node not in plan.bits_rules]
@@ -253,10 +254,10 @@ def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibrat
         return fidelity.worst_cosine
 
     quantized_bytes = 0
-    if config.max_size_mb is not None:
+    if config.allocation_budget in ("max_size_mb", "max_size_ratio"):
         quantized_bytes = model_io.to_proto(emit(prepared, plan, qparams_for(plan), layout)).ByteSize()
     report = mixed_bits.allocate_bits(
-        prepared, plan, config, calibration, values, quantized_bytes, layout,
+        prepared, plan, config, calibration, values, quantized_bytes, float_bytes, layout,
         fidelity_of if len(held_out) else None, _stage(progress, "sensitivity", len(free)))
     plan = mixed_bits.plan_with_allocation(plan, report)
     return plan, mixed_bits.params_for_bits(by_bits, plan), report

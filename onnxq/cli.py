@@ -61,6 +61,17 @@ def _bits_list(text: str | None) -> tuple[int, ...] | None:
         raise ConfigError(f"--candidate-bits {text!r} is not a list of integers") from None
 
 
+def _size_budget(text: str | None) -> dict[str, float]:
+    """--max-size: "12.5" (MB) or "0.15x" (fraction of the float file)."""
+    if text is None:
+        return {}
+    key = "max_size_ratio" if text.strip().lower().endswith("x") else "max_size_mb"
+    try:
+        return {key: float(text.strip().rstrip("xX"))}
+    except ValueError:
+        raise ConfigError(f"--max-size {text!r} is not a number of MB or a ratio like 0.15x") from None
+
+
 def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
     config = load_config(config_file) if config_file is not None else QuantConfig()
     changes = {key: value for key, value in flags.items() if value is not None and value != ()}
@@ -86,8 +97,9 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--avg-bits", type=float, default=None,
               help="Allocate weight bits per layer by measured sensitivity: mean bits (weighted "
                    "by element count) at most this.")
-@click.option("--max-size", "max_size_mb", type=float, default=None,
-              help="Allocate weight bits per layer so the written file is at most this many MB.")
+@click.option("--max-size", "max_size", default=None, metavar="MB|Rx",
+              help="Allocate weight bits per layer so the written file is at most this many MB, "
+                   "or this fraction of the float file with an x (0.15x).")
 @click.option("--max-bops", type=float, default=None,
               help="Allocate weight bits per layer within this many GBOPs (MACs x weight bits "
                    "x activation bits, on the first calibration feed).")
@@ -134,7 +146,7 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @reports_errors
 def quantize_command(input_path: Path, output_path: Path, calib: Path, method: str | None,
                      weight_bits: str | None, layer_bits: tuple[str, ...], avg_bits: float | None,
-                     max_size_mb: float | None, max_bops: float | None, max_drop: float | None,
+                     max_size: str | None, max_bops: float | None, max_drop: float | None,
                      candidate_bits: str | None, sensitivity: str | None, no_matmul_nbits: bool | None,
                      no_gather: bool | None, percentile: float | None, per_tensor: bool | None,
                      act_type: str | None,
@@ -155,7 +167,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
         method=CalibrationMethod(method) if method and method != "comq" else None,
         weight_method=WeightMethod.COMQ if method == "comq" else None,
         weight_bits=int(weight_bits) if weight_bits else None,
-        layer_bits=layer_bits, avg_bits=avg_bits, max_size_mb=max_size_mb, max_bops=max_bops,
+        layer_bits=layer_bits, avg_bits=avg_bits, **_size_budget(max_size), max_bops=max_bops,
         max_drop=max_drop, candidate_bits=_bits_list(candidate_bits), sensitivity=sensitivity,
         matmul_nbits=False if no_matmul_nbits else None, quantize_gather=False if no_gather else None,
         percentile=percentile,

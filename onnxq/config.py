@@ -70,6 +70,7 @@ def granularity_name(granularity: Granularity) -> str:
 
 
 SENSITIVITY_MEASURES = ("mse", "kl", "infonce")
+ALLOCATION_BUDGETS = ("avg_bits", "max_size_mb", "max_size_ratio", "max_bops", "max_drop")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class QuantConfig:
             weights, weighted by their element counts.
         max_size_mb: budget of the automatic allocation: size of the written model in MB
             (10^6 bytes), everything included.
+        max_size_ratio: budget of the automatic allocation: size of the written model as a
+            fraction of the float model's (e.g. 0.15).
         max_bops: budget of the automatic allocation: bit operations, sum over layers of
             MACs * weight bits * activation bits, in units of 10^9 (GBOPs).
         max_drop: smallest model whose held-out fidelity stays within this drop of float
@@ -167,6 +170,7 @@ class QuantConfig:
     layer_bits: tuple[str, ...] = ()
     avg_bits: float | None = None
     max_size_mb: float | None = None
+    max_size_ratio: float | None = None
     max_bops: float | None = None
     max_drop: float | None = None
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -221,7 +225,7 @@ class QuantConfig:
         _ = self.layer_rules  # parses and checks the rules
         if not self.candidate_bits or any(b not in (2, 3, 4, 8) for b in self.candidate_bits):
             raise ConfigError(f"candidate_bits must be among 2, 3, 4, 8, got {list(self.candidate_bits)}")
-        budgets = [n for n in ("avg_bits", "max_size_mb", "max_bops", "max_drop")
+        budgets = [n for n in ALLOCATION_BUDGETS
                    if getattr(self, n) is not None]
         if len(budgets) > 1:
             raise ConfigError(f"set one allocation budget, not {' and '.join(budgets)}")
@@ -249,7 +253,7 @@ class QuantConfig:
     @property
     def allocation_budget(self) -> str | None:
         """The name of the allocation budget set, if any."""
-        return next((n for n in ("avg_bits", "max_size_mb", "max_bops", "max_drop")
+        return next((n for n in ALLOCATION_BUDGETS
                      if getattr(self, n) is not None), None)
 
     @property

@@ -8,6 +8,7 @@ Budgets (one of them, `QuantConfig.allocation_budget`):
 
     avg_bits     sum(bits * elements) <= avg_bits * sum(elements), over all quantized weights
     max_size_mb  predicted bytes of the written file <= max_size_mb * 10^6
+    max_size_ratio  the same, <= max_size_ratio * the float model's bytes
     max_bops     sum(MACs * weight bits * activation bits) <= max_bops * 10^9 (MACs on the
                  first calibration feed)
     max_drop     the smallest avg-bits budget whose model, emitted and run on the held-out
@@ -91,13 +92,15 @@ def allocate_bits(
     feeds: CalibrationSet,
     values: CandidateValues,
     quantized_bytes: int,
+    float_bytes: int,
     layout: EmitOptions,
     fidelity_of: FidelityProbe | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> AllocationReport:
     """Bits for every weight layer of `plan` under `config`'s budget.
 
-    `quantized_bytes` is the size of the model emitted with `plan` as it is, in the emitter's
+    `float_bytes` is the float model's size, `quantized_bytes` the size of the model emitted
+    with `plan` as it is, in the emitter's
     `layout` (the size budget is met by changing the layers' part of it, as
     `sizes.predict_layer_bytes` predicts it).
     """
@@ -124,7 +127,7 @@ def allocate_bits(
     def cost_of(name: str, bits: int, budget: str) -> float:
         if budget in ("avg_bits", "max_drop"):
             return bits * math.prod(shapes[name])
-        if budget == "max_size_mb":
+        if budget in ("max_size_mb", "max_size_ratio"):
             return sizes.predict_layer_bytes(geometry[name], bits, layout)
         return macs[name] * bits * ACTIVATION_BITS
 
@@ -138,8 +141,9 @@ def allocate_bits(
     if budget == "avg_bits":
         limit = config.avg_bits * sum(math.prod(s) for s in shapes.values())
         allocation = solve(problem, limit - fixed)
-    elif budget == "max_size_mb":
-        limit = config.max_size_mb * 1e6
+    elif budget in ("max_size_mb", "max_size_ratio"):
+        limit = (config.max_size_mb * 1e6 if budget == "max_size_mb"
+                 else config.max_size_ratio * float_bytes)
         current = sum(cost_of(n, specs[n].grid.bits, budget) for n in group_of)
         other = quantized_bytes - current - fixed
         allocation = solve(problem, limit - other - fixed)

@@ -126,6 +126,9 @@ def test_size_and_bops_budgets_hold_on_the_written_model(tmp_path):
     sized = quantize(small_cnn(), feeds, QuantConfig(max_size_mb=limit, candidate_bits=(4, 8)))
     assert sized.quantized_bytes <= limit * 1e6
     assert {spec.grid.bits for spec in sized.plan.weights} == {4, 8}  # the budget forces a mix
+    ratio = quantize(small_cnn(), feeds, QuantConfig(max_size_ratio=limit * 1e6 / sized.float_bytes,
+                                                     candidate_bits=(4, 8)))
+    assert ratio.quantized_bytes <= limit * 1e6
     macs = {layer.layer: layer.macs for layer in sized.allocation.layers}
     assert all(m > 0 for m in macs.values())
     gbops = sum(m * 8 * 8 for m in macs.values()) * 0.75 / 1e9

@@ -164,6 +164,8 @@ def test_mixed_bits_rules_budget_and_card(cnn, tmp_path):
     (("--avg-bits", "4", "--max-size", "1"), "one allocation budget"),
     (("--avg-bits", "1"), "avg_bits must be within"),
     (("--max-size", "0.0001"), "cannot be met"),
+    (("--max-size", "0.01x"), "cannot be met"),
+    (("--max-size", "small"), "not a number of MB"),
 ])
 def test_bad_mixed_bits_options_fail_in_one_line(cnn, tmp_path, args, pattern):
     model, calib = cnn
