@@ -253,11 +253,19 @@ def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibrat
         _, fidelity = verify(quantized, float_session, held_out, held_out=True, min_cosine=None)
         return fidelity.worst_cosine
 
+    if config.sensitivity_base == "float":
+        base = mixed_bits.ProbeBase(prepared, lambda layer: (
+            nodes[layer].inputs[specs[layer].input_index].const_value.numpy(),
+            nodes[layer].inputs[biases[layer].input_index].const_value.numpy() if layer in biases else None))
+    else:
+        at_8 = plan.with_weight_bits(dict.fromkeys(free, 8))
+        base = mixed_bits.ProbeBase(emit(prepared, at_8, qparams_for(at_8)), lambda layer: values(layer, 8),
+                                    float_session)
     quantized_bytes = 0
     if config.allocation_budget in ("max_size_mb", "max_size_ratio"):
         quantized_bytes = model_io.to_proto(emit(prepared, plan, qparams_for(plan), layout)).ByteSize()
     report = mixed_bits.allocate_bits(
-        prepared, plan, config, calibration, values, quantized_bytes, float_bytes, layout,
+        prepared, plan, config, calibration, values, base, quantized_bytes, float_bytes, layout,
         fidelity_of if len(held_out) else None, _stage(progress, "sensitivity", len(free)))
     plan = mixed_bits.plan_with_allocation(plan, report)
     return plan, mixed_bits.params_for_bits(by_bits, plan), report

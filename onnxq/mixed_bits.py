@@ -81,6 +81,17 @@ class AllocationReport:
 
 # Called as values(layer, bits) -> (dequantized weight, corrected bias or None).
 CandidateValues = Callable[[str, int], tuple[np.ndarray, np.ndarray | None]]
+@dataclass(frozen=True)
+class ProbeBase:
+    """The model the sensitivity probes start from: the float model (`float_session` None) or
+    the 8-bit quantized one (with the float model's session for reference outputs), and each
+    layer's (weight, bias) values in it."""
+
+    model: ir.Model
+    defaults: Callable[[str], tuple[np.ndarray, np.ndarray | None]]
+    float_session: object | None = None
+
+
 # Called with {layer: bits}: the worst output cosine of that model on held-out feeds.
 FidelityProbe = Callable[[dict[str, int]], float]
 
@@ -91,6 +102,7 @@ def allocate_bits(
     config: QuantConfig,
     feeds: CalibrationSet,
     values: CandidateValues,
+    base: ProbeBase,
     quantized_bytes: int,
     float_bytes: int,
     layout: EmitOptions,
@@ -117,9 +129,10 @@ def allocate_bits(
         rng = np.random.default_rng(config.seed)
         damage = {name: {b: float(rng.random()) for b in candidates} for name in free}
     else:
-        probe = sensitivity.WeightProbe(model, [specs[name] for name in free], plan)
+        probe = sensitivity.WeightProbe(base.model, plan, {name: base.defaults(name) for name in free})
         damage = sensitivity.measure_sensitivity(probe, probe_feeds, dict.fromkeys(free, candidates),
-                                                 values, config.sensitivity, progress)
+                                                 values, config.sensitivity, progress,
+                                                 base.float_session)
     macs = sensitivity.layer_macs(model, list(specs.values()), probe_feeds[0])
     groups = [g for g in sensitivity.tied_layers(model, plan) if g[0] in free]
     group_of = {name: number for number, group in enumerate(groups) for name in group}

@@ -1,8 +1,10 @@
 """Per-layer sensitivity to weight bits, measured through ONNX Runtime.
 
-The damage of quantizing one layer's weights at b bits is measured by running the float model
-with only that layer's weight (and its corrected bias) replaced by the dequantized values,
-against the float model's own outputs on the same calibration feeds. To do this for every
+The damage of quantizing one layer's weights at b bits is measured by running a base model with
+only that layer's weight (and its corrected bias) replaced by the dequantized values, against
+the float model's outputs on the same calibration feeds. The base is either the float model
+(weights alone) or the 8-bit quantized model (activations and every other weight quantized, so
+the probe sees how the layer's error meets the activations' rounding). To do this for every
 layer and bit-width without building a session each time, `WeightProbe` turns the weights (and
 biases) of the probed layers into graph inputs of one session: the float values are fed by
 default, and a probe feeds one layer's quantized values in their place.
@@ -26,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxq import model_io
@@ -88,22 +91,29 @@ def output_damage(measure: str, reference: Outputs, quantized: Outputs) -> float
 
 
 class WeightProbe:
-    """The float model with the probed layers' weights and biases as graph inputs."""
+    """A model with the probed layers' weights and biases as graph inputs.
 
-    def __init__(self, model: ir.Model, layers: Sequence[WeightQuant], plan: QuantPlan) -> None:
+    `model` is either the prepared float model or a quantized (QDQ) copy of it in which the
+    probed layers read their weight and bias through DequantizeLinear; `defaults` gives each
+    probed layer's (weight, bias or None) values fed when the layer is not the one probed.
+    """
+
+    def __init__(self, model: ir.Model, plan: QuantPlan,
+                 defaults: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
         probe = model_io.to_ir(model_io.to_proto(model))  # a copy
         nodes = {node.name: node for node in probe.graph}
         bias_index = {spec.node: spec.input_index for spec in plan.biases}
+        specs = {spec.node: spec for spec in plan.weights}
         self.defaults: dict[str, np.ndarray] = {}
         self.weight_inputs: dict[str, str] = {}
         self.bias_inputs: dict[str, str] = {}
-        for number, spec in enumerate(layers):
-            node = nodes[spec.node]
-            self.weight_inputs[spec.node] = self._lift(probe.graph, node, spec.input_index,
-                                                       f"onnxq_probe_w{number}")
-            if spec.node in bias_index:
-                self.bias_inputs[spec.node] = self._lift(probe.graph, node, bias_index[spec.node],
-                                                         f"onnxq_probe_b{number}")
+        for number, (layer, (weight, bias)) in enumerate(defaults.items()):
+            node = nodes[layer]
+            self.weight_inputs[layer] = self._lift(probe.graph, node, specs[layer].input_index,
+                                                   f"onnxq_probe_w{number}", weight)
+            if layer in bias_index and bias is not None:
+                self.bias_inputs[layer] = self._lift(probe.graph, node, bias_index[layer],
+                                                     f"onnxq_probe_b{number}", bias)
         RemoveUnusedNodesPass()(probe)
         proto = model_io.to_proto(probe)
         self.batch_axis_free = all(
@@ -113,10 +123,9 @@ class WeightProbe:
         self.session = model_io.create_session(proto, "the sensitivity probe")
         self.output_names = [output.name for output in proto.graph.output]
 
-    def _lift(self, graph: ir.Graph, node: ir.Node, index: int, name: str) -> str:
-        array = node.inputs[index].const_value.numpy()
-        value = ir.Value(name=name, shape=ir.Shape(array.shape),
-                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    def _lift(self, graph: ir.Graph, node: ir.Node, index: int, name: str, array: np.ndarray) -> str:
+        array = np.asarray(array, np.float32)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT))
         graph.inputs.append(value)
         node.replace_input_with(index, value)
         self.defaults[name] = array
@@ -150,11 +159,17 @@ def measure_sensitivity(
     values: Callable[[str, int], tuple[np.ndarray, np.ndarray | None]],
     measure: str,
     progress: Callable[[int], None] | None = None,
+    float_session: ort.InferenceSession | None = None,
 ) -> dict[str, dict[int, float]]:
     """{layer: {bits: damage}}: each layer alone at each of its candidate bit-widths, the rest
-    float. `values(layer, bits)` gives the dequantized weight and corrected bias (or None)."""
+    float. `values(layer, bits)` gives the dequantized weight and corrected bias (or None).
+    The reference outputs come from `float_session` (default: `probe` with its defaults, when
+    the probe's base is the float model)."""
     feeds = probe.batched(feeds)
-    reference = probe.run(feeds)
+    if float_session is not None:
+        reference = [float_session.run(probe.output_names, feed) for feed in feeds]
+    else:
+        reference = probe.run(feeds)
     table: dict[str, dict[int, float]] = {}
     for layer, bit_widths in candidates.items():
         table[layer] = {bits: output_damage(measure, reference,

@@ -70,10 +70,11 @@ def test_layers_reading_one_tensor_are_tied():
     assert any(len(group) >= 2 for group in groups)  # the Q/K/V projections share their input
 
 
-def test_allocation_meets_the_budget_and_ties_share_bits():
+@pytest.mark.parametrize("base", ["float", "quantized"])
+def test_allocation_meets_the_budget_and_ties_share_bits(base):
     model = tiny_attention()
     feeds = [{"x": np.random.default_rng(i).normal(size=(1, 6, 16)).astype(np.float32)} for i in range(12)]
-    result = quantize(model, feeds, QuantConfig(avg_bits=5.0))
+    result = quantize(model, feeds, QuantConfig(avg_bits=5.0, sensitivity_base=base))
     report = result.allocation
     assert report.used <= report.limit
     elements = sum(layer.elements for layer in report.layers)
@@ -83,6 +84,8 @@ def test_allocation_meets_the_budget_and_ties_share_bits():
         by_group.setdefault(layer.group, set()).add(layer.bits)
     assert all(len(bits) == 1 for bits in by_group.values())
     assert {spec.node: spec.grid.bits for spec in result.plan.weights} == report.bits
+    for layer in report.layers:
+        assert layer.damage[2] > layer.damage[8]
 
 
 def test_sensitivity_ranks_bits_and_allocation_beats_random_on_a_cnn():
