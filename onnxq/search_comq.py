@@ -2,7 +2,8 @@
 
 Takes the Gram matrices of the layers' inputs (onnxq.gram) and runs the numeric core
 (onnxq.comq) per layer and per Conv group. Layers COMQ cannot take (a MatMul weight of rank
-> 2) keep their round-to-nearest parameters. The codes returned are emitted as they are.
+> 2) keep their round-to-nearest parameters. The codes, scales and zero points returned (zero
+points non-zero for the op types in `ComqSettings.asymmetric_ops`) are emitted as they are.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ def comq_weight_params(layers: Mapping[WeightQuant, ir.Node],
         weight = node.inputs[spec.input_index].const_value.numpy()
         group = gram.geometry.group if gram.geometry is not None else 1
         rows = weight_rows(node, weight, group)
-        result = comq(rows, gram.hessian, spec.grid, symmetric=True, settings=settings)
+        symmetric = node.op_type not in settings.asymmetric_ops
+        result = comq(rows, gram.hessian, spec.grid, symmetric, settings)
         logger.debug("%s: error %.4g -> %.4g", spec.node, result.errors[0], result.errors[-1])
         row_scales = result.scale.reshape(-1)
         codes_in_layout = weight_from_rows(node, result.codes, weight.shape)
         params[spec] = WeightParams(scale=_scales_on_axis(row_scales, spec, weight.shape),
-                                    zero_point=np.zeros(row_scales.shape, spec.grid.dtype),
+                                    zero_point=result.zero_point.reshape(-1).astype(spec.grid.dtype),
                                     codes=codes_in_layout.astype(spec.grid.dtype))
     return params
 
