@@ -58,7 +58,8 @@ class ComqSettings:
             rounding error compensated on the coordinates not yet rounded through the Cholesky
             factor of H^-1) and start from those codes where they beat round to nearest at the
             starting scale. Lowers the final error by about a sixth on EfficientNet-Lite0's layers.
-        asymmetric_ops: op types whose rows get an integer zero point (searched with the scale);
+        asymmetric_ops: op types whose rows below 8 bits get an integer zero point (searched with
+            the scale; 8-bit rows stay symmetric for ORT's fast integer kernels);
             the others stay symmetric. BN-folded Conv weights are skewed (EfficientNet-Lite0
             W4A8 logit cosine 0.86 -> 0.90); MatMul weights, after SmoothQuant, are not (MiniLM
             cosine 0.968 symmetric, 0.962 asymmetric), and a symmetric MatMul weight keeps
