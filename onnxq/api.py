@@ -104,7 +104,7 @@ class QuantResult:
             "weight_bits": dict(sorted(Counter(spec.grid.bits for spec in self.plan.weights).items())),
             "allocation": None if self.allocation is None else {
                 "budget": self.allocation.budget, "limit": self.allocation.limit,
-                "used": self.allocation.used},
+                "used": self.allocation.used, "average_bits": self.allocation.average_bits},
         }
 
 

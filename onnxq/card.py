@@ -64,6 +64,7 @@ def quantization_card(result: QuantResult) -> dict[str, Any]:
         report = result.allocation
         card["allocation"] = {"budget": report.budget, "limit": report.limit, "used": report.used,
                               "measure": report.measure, "allocator": report.allocator,
+                              "average_bits": report.average_bits,
                               "feeds": report.feeds, "seconds": round(report.seconds, 2),
                               "max_drop_steps": [list(step) for step in report.steps]}
     return card
@@ -82,7 +83,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         allocation = card["allocation"]
         lines.append(f"- bits allocated by {allocation['allocator']} ({allocation['measure']} damage on "
                      f"{allocation['feeds']} feeds) under {allocation['budget']}: used "
-                     f"{allocation['used']:.6g} of {allocation['limit']:.6g}")
+                     f"{allocation['used']:.6g} of {allocation['limit']:.6g}; mean weight bits "
+                     f"{allocation['average_bits']:.2f}")
     lines += ["", "## Fidelity", "", "| output | cosine | min cosine | SQNR dB | top-1 agree |",
               "|---|---|---|---|---|"]
     for output in card["fidelity"]["outputs"]:

@@ -214,7 +214,7 @@ def _print_summary(summary: dict) -> None:
     if summary["allocation"]:
         allocation = summary["allocation"]
         console.print(f"  allocation under {allocation['budget']}: used {allocation['used']:.6g} "
-                      f"of {allocation['limit']:.6g}")
+                      f"of {allocation['limit']:.6g}; mean weight bits {allocation['average_bits']:.2f}")
     console.print(f"  size: {summary['float_bytes'] / 1e6:.2f} MB -> "
                   f"{summary['quantized_bytes'] / 1e6:.2f} MB ({summary['size_ratio']:.3f}x)")
     fidelity = summary["fidelity"]

@@ -78,6 +78,12 @@ class AllocationReport:
     def bits(self) -> dict[str, int]:
         return {layer.layer: layer.bits for layer in self.layers}
 
+    @property
+    def average_bits(self) -> float:
+        """Mean weight bits, weighted by element counts."""
+        elements = sum(layer.elements for layer in self.layers)
+        return sum(layer.bits * layer.elements for layer in self.layers) / max(elements, 1)
+
 
 # Called as values(layer, bits) -> (dequantized weight, corrected bias or None).
 CandidateValues = Callable[[str, int], tuple[np.ndarray, np.ndarray | None]]
