@@ -225,10 +225,23 @@ def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibrat
     """Mixed bits: every free layer's parameters at each candidate bit-width, their measured
     sensitivity, and the knapsack's choice under the budget (onnxq.mixed_bits)."""
     free = [spec.node for spec in plan.weights if spec.node not in plan.bits_rules]
+    free_plan = dataclasses.replace(plan, weights=[s for s in plan.weights if s.node in free])
+    fixed_plan = dataclasses.replace(plan, weights=[s for s in plan.weights if s.node not in free])
+    # Layers fixed by a rule are searched once, at their bits; free layers at every bit-width
+    # the allocation can give them or the probes and size estimate start from.
+    fixed = {spec.node: params
+             for spec, params in _weight_params(prepared, fixed_plan, grams_by_node).items()}
+    bit_widths = set(config.candidate_bits) | {config.weight_bits}
+    if config.sensitivity_base == "quantized":
+        bit_widths.add(8)
     by_bits = {bits: {spec.node: params for spec, params in
-                      _weight_params(prepared, plan.with_weight_bits(dict.fromkeys(free, bits)),
+                      _weight_params(prepared, free_plan.with_weight_bits(dict.fromkeys(free, bits)),
                                      grams_by_node).items()}
-               for bits in sorted(set(config.candidate_bits) | {s.grid.bits for s in plan.weights})}
+               for bits in sorted(bit_widths)}
+
+    def weights_for(bits_plan: QuantPlan) -> dict[WeightQuant, WeightParams]:
+        return {spec: fixed[spec.node] if spec.node in fixed else by_bits[spec.grid.bits][spec.node]
+                for spec in bits_plan.weights}
     specs = {spec.node: spec for spec in plan.weights}
     nodes = {node.name: node for node in prepared.graph}
     biases = {spec.node: spec for spec in correctable}
@@ -243,7 +256,7 @@ def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibrat
         return params.dequantized(specs[layer].axis), bias
 
     def qparams_for(bits_plan: QuantPlan) -> QParams:
-        qparams = QParams(activations=activations, weights=mixed_bits.params_for_bits(by_bits, bits_plan))
+        qparams = QParams(activations=activations, weights=weights_for(bits_plan))
         qparams.bias_values = _corrected_biases(prepared, bits_plan, qparams, correctable, input_means)
         return qparams
 
@@ -253,10 +266,13 @@ def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibrat
         _, fidelity = verify(quantized, float_session, held_out, held_out=True, min_cosine=None)
         return fidelity.worst_cosine
 
+    def float_values(layer: str) -> tuple[np.ndarray, np.ndarray | None]:
+        inputs = nodes[layer].inputs
+        bias = inputs[biases[layer].input_index].const_value.numpy() if layer in biases else None
+        return inputs[specs[layer].input_index].const_value.numpy(), bias
+
     if config.sensitivity_base == "float":
-        base = mixed_bits.ProbeBase(prepared, lambda layer: (
-            nodes[layer].inputs[specs[layer].input_index].const_value.numpy(),
-            nodes[layer].inputs[biases[layer].input_index].const_value.numpy() if layer in biases else None))
+        base = mixed_bits.ProbeBase(prepared, float_values)
     else:
         at_8 = plan.with_weight_bits(dict.fromkeys(free, 8))
         base = mixed_bits.ProbeBase(emit(prepared, at_8, qparams_for(at_8)), lambda layer: values(layer, 8),
@@ -267,8 +283,8 @@ def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibrat
     report = mixed_bits.allocate_bits(
         prepared, plan, config, calibration, values, base, quantized_bytes, float_bytes, layout,
         fidelity_of if len(held_out) else None, _stage(progress, "sensitivity", len(free)))
-    plan = mixed_bits.plan_with_allocation(plan, report)
-    return plan, mixed_bits.params_for_bits(by_bits, plan), report
+    plan = plan.with_weight_bits(report.bits)
+    return plan, weights_for(plan), report
 
 
 def _sequential_comq(prepared: ir.Model, plan: QuantPlan, qparams: QParams,

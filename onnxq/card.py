@@ -9,7 +9,6 @@ how much of it was used; and the fidelity measured against float on held-out fee
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,8 +114,7 @@ def write_card(result: QuantResult, output: str | Path) -> tuple[Path, Path]:
 
 
 def _plain(value: object) -> object:
+    """numpy scalars as Python numbers."""
     if hasattr(value, "item"):
         return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     raise TypeError(f"cannot write {type(value).__name__} as JSON")

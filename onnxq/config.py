@@ -238,6 +238,8 @@ class QuantConfig:
         for name in budgets:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_drop is not None and self.holdout < 1:
+            raise ConfigError("max_drop needs held-out feeds to measure fidelity (holdout > 0)")
         if self.avg_bits is not None and not min(self.candidate_bits) <= self.avg_bits <= 8:
             raise ConfigError(f"avg_bits must be within the candidate bits "
                               f"[{min(self.candidate_bits)}, 8], got {self.avg_bits}")

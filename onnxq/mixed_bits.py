@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +39,7 @@ from onnxq.config import QuantConfig
 from onnxq.data import CalibrationSet
 from onnxq.emit import EmitOptions
 from onnxq.errors import ConfigError
-from onnxq.plan import QuantPlan, WeightQuant
+from onnxq.plan import QuantPlan
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def allocate_bits(
         allocation = solve(problem, limit - fixed)
     else:
         if fidelity_of is None:
-            raise ConfigError("max_drop needs held-out feeds to measure fidelity (holdout > 0)")
+            raise ConfigError("max_drop needs held-out feeds to measure fidelity, and none are left")
         total = sum(math.prod(s) for s in shapes.values())
         allocation, steps = _smallest_within_drop(problem, config.max_drop, groups, fidelity_of,
                                                   lambda c: (c + fixed) / total)
@@ -188,15 +189,9 @@ def allocate_bits(
                               measure=config.sensitivity, allocator=config.allocator,
                               feeds=len(probe_feeds), layers=layers,
                               seconds=time.perf_counter() - start, steps=tuple(steps))
-    logger.info("allocation (%s): %s", budget, dict(sorted(_bit_counts(report).items())))
+    logger.info("allocation (%s): %s", budget,
+                dict(sorted(Counter(layer.bits for layer in report.layers).items())))
     return report
-
-
-def _bit_counts(report: AllocationReport) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for layer in report.layers:
-        counts[layer.bits] = counts.get(layer.bits, 0) + 1
-    return counts
 
 
 def _smallest_within_drop(problem: Knapsack, max_drop: float, groups: list[list[str]],
@@ -225,14 +220,3 @@ def _smallest_within_drop(problem: Knapsack, max_drop: float, groups: list[list[
         else:
             low = middle
     return best, steps
-
-
-def plan_with_allocation(plan: QuantPlan, report: AllocationReport) -> QuantPlan:
-    """The plan with the allocated bits."""
-    return plan.with_weight_bits(report.bits)
-
-
-def params_for_bits(params_by_bits: Mapping[int, Mapping[str, object]], plan: QuantPlan
-                    ) -> dict[WeightQuant, object]:
-    """Each weight's parameters at the bits `plan` gives it, keyed by the plan's specs."""
-    return {spec: params_by_bits[spec.grid.bits][spec.node] for spec in plan.weights}

@@ -31,32 +31,33 @@ from onnxq.plan import ActivationGroup, BiasQuant, QuantPlan, WeightQuant
 logger = logging.getLogger(__name__)
 
 
+def _nodes_matching(nodes, pattern: str, nothing: str) -> list[str]:
+    """Names of the nodes a pattern matches (op type, node name, or a glob over node names);
+    none is a ConfigError with the message `nothing`."""
+    hits = [node.name for node in nodes if node.op_type == pattern or node.name == pattern
+            or fnmatch.fnmatchcase(node.name or "", pattern)]
+    if not hits:
+        raise ConfigError(nothing)
+    return hits
+
+
 def excluded_nodes(graph: ir.Graph, patterns: tuple[str, ...]) -> dict[str, str]:
     """Node name -> the exclude entry that matched it; an entry matching nothing is an error."""
     matched: dict[str, str] = {}
     for pattern in patterns:
-        hits = [node.name for node in graph
-                if node.op_type == pattern or node.name == pattern
-                or fnmatch.fnmatchcase(node.name or "", pattern)]
-        if not hits:
-            raise ConfigError(f"exclude entry {pattern!r} matches no node name or op type")
-        for name in hits:
+        for name in _nodes_matching(graph, pattern,
+                                    f"exclude entry {pattern!r} matches no node name or op type"):
             matched.setdefault(name, pattern)
     return matched
-
-
-def _matches(node: ir.Node, pattern: str) -> bool:
-    return node.op_type == pattern or node.name == pattern or fnmatch.fnmatchcase(node.name or "", pattern)
 
 
 def layer_rule_bits(layers: list[ir.Node], rules: tuple[LayerRule, ...]) -> dict[str, LayerRule]:
     """Layer name -> the last rule that matches it; a rule matching no layer is an error."""
     chosen: dict[str, LayerRule] = {}
     for rule in rules:
-        hits = [node.name for node in layers if _matches(node, rule.pattern)]
-        if not hits:
-            raise ConfigError(f"layer rule {rule.pattern!r} matches no quantizable layer "
-                              f"(node name, op type or glob over node names)")
+        hits = _nodes_matching(layers, rule.pattern,
+                               f"layer rule {rule.pattern!r} matches no quantizable layer "
+                               f"(node name, op type or glob over node names)")
         chosen.update(dict.fromkeys(hits, rule))
     return chosen
 
