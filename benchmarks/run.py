@@ -7,7 +7,7 @@ own child process (so that peak memory figures do not mix). Then, for every row:
 - the zoo metrics of the quantized model on the zoo's evaluation data (primary metric first);
 - file size over the float model's;
 - ONNX Runtime latency (CPU EP, batch 1, one representative calibration feed) over the float
-  model's, at 1 and 2 intra-op threads, and the integer kernels ORT runs (`onnxq.bench`);
+  model's, at 1 and 2 intra-op threads, and the integer kernels ORT runs (`onnxq.report.bench`);
 - quantization wall time and the child process's peak resident memory (VmHWM).
 
 A quantizer that fails is a row with its error. Writes, under `--out` (benchmarks/results):
@@ -182,7 +182,7 @@ def latency_feed_path(feeds: list[Path]) -> Path:
 def measure_latency(paths: dict[str, Path], feed_path: Path, plan: LatencyPlan) -> dict[str, dict]:
     """label -> {threads: {"p50_ms", "p90_ms", "ratio"}, "integer_kernels"} or {"error"}; the
     first entry of `paths` is the float model, the reference of the ratios."""
-    from onnxq.bench import BenchSettings, benchmark_model, make_feed
+    from onnxq.report.bench import BenchSettings, benchmark_model, make_feed
 
     labels = list(paths)
     reference = labels[0]
@@ -242,7 +242,7 @@ def selected_rows(tools: list[str] | None) -> list[RowSpec]:
 def run_model(name: str, rows: list[RowSpec], feeds: int, plan: LatencyPlan, work: Path,
               logs: Path, limits: Limits) -> dict[str, Any]:
     from onnxq import zoo
-    from onnxq.bench import model_file_bytes
+    from onnxq.report.bench import model_file_bytes
 
     entry = zoo.get(name)
     built = entry.build(zoo.default_cache_dir())

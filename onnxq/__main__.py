@@ -1,5 +1,5 @@
 """`python -m onnxq` is the `onnxq` command."""
 
-from onnxq.cli import main
+from onnxq.cli.main import main
 
 main()

@@ -21,15 +21,17 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxq import calibrate, mixed_bits, model_io, sizes
-from onnxq.bias_correction import (
+from onnxq import model_io
+from onnxq.bits import allocation as mixed_bits
+from onnxq.bits import sizes
+from onnxq.calibration import calibrate
+from onnxq.calibration.bias_correction import (
     RunningChannelMean,
     conv_output_shift,
     corrected_bias,
     gemm_output_shift,
 )
-from onnxq.card import card_paths, write_card
-from onnxq.comq import ComqSettings
+from onnxq.calibration.statistics import TensorStatistics
 from onnxq.config import QuantConfig, WeightMethod, config_to_dict
 from onnxq.data import CalibrationSet, open_calibration
 from onnxq.emit import emit, emit_options
@@ -39,9 +41,10 @@ from onnxq.passes.op_table import gemm_weight_axis
 from onnxq.passes.smooth import SmoothMatMulInputsPass, smoothing_candidates
 from onnxq.plan import BiasQuant, QuantPlan, WeightQuant
 from onnxq.qparams import QParams, WeightParams, weight_params_for
-from onnxq.search_comq import comq_layers, comq_weight_params, gram_observers
-from onnxq.statistics import TensorStatistics
-from onnxq.verify import FidelityReport, verify
+from onnxq.report.card import card_paths, write_card
+from onnxq.scoring.fidelity import FidelityReport, verify
+from onnxq.weights.comq import ComqSettings
+from onnxq.weights.search_comq import comq_layers, comq_weight_params, gram_observers
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +226,7 @@ def _allocate(prepared: ir.Model, plan: QuantPlan, config: QuantConfig, calibrat
               input_means: dict[str, RunningChannelMean], float_bytes: int,
               progress: ProgressCallback | None):
     """Mixed bits: every free layer's parameters at each candidate bit-width, their measured
-    sensitivity, and the knapsack's choice under the budget (onnxq.mixed_bits)."""
+    sensitivity, and the knapsack's choice under the budget (onnxq.bits.allocation)."""
     free = [spec.node for spec in plan.weights if spec.node not in plan.bits_rules]
     free_plan = dataclasses.replace(plan, weights=[s for s in plan.weights if s.node in free])
     fixed_plan = dataclasses.replace(plan, weights=[s for s in plan.weights if s.node not in free])
@@ -312,7 +315,7 @@ def _correctable_biases(model: ir.Model, plan: QuantPlan) -> dict[BiasQuant, int
 def _corrected_biases(model: ir.Model, plan: QuantPlan, qparams: QParams,
                       correctable: dict[BiasQuant, int],
                       input_means: dict[str, RunningChannelMean]) -> dict[BiasQuant, np.ndarray]:
-    """b - (W_q - W) E[x] for every correctable bias (see onnxq.bias_correction)."""
+    """b - (W_q - W) E[x] for every correctable bias (see onnxq.calibration.bias_correction)."""
     nodes = {node.name: node for node in model.graph}
     weight_specs = {spec.node: spec for spec in plan.weights}
     return {spec: _corrected_bias(nodes[spec.node], weight_specs[spec.node],

@@ -12,7 +12,7 @@ Nodes matched by `config.exclude` (node name, op type, or a glob over node names
 an entry that matches no node is an error. `config.layer_bits` rules ("PATTERN=BITS", the last
 matching rule wins) set the weight bits of the layers they match, or keep them float; a rule
 that matches no quantizable layer is an error. Other layers get `config.weight_bits` (the
-allocator, onnxq.allocate, later re-plans the ones no rule fixed).
+allocator, onnxq.bits.knapsack, later re-plans the ones no rule fixed).
 """
 
 from __future__ import annotations

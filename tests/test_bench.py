@@ -21,15 +21,15 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import onnxq
-from onnxq.bench import (
+from onnxq.cli.bench import bench, parse_shape
+from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError
+from onnxq.report.bench import (
     BenchSettings,
     benchmark_model,
     check_same_inputs,
     make_feed,
     model_file_bytes,
 )
-from onnxq.cli_bench import bench, parse_shape
-from onnxq.errors import CalibrationDataError, ConfigError, OnnxqError
 
 ROOT = Path(__file__).parents[1]
 FLOAT = ROOT / "models" / "bundled" / "digit_cnn.onnx"
@@ -230,7 +230,7 @@ def test_shape_flag_makes_a_model_with_other_symbolic_dims_run(tmp_path):
 
 
 def test_runs_as_a_subprocess(int8_model):
-    code = "from onnxq.cli_bench import bench; bench()"
+    code = "from onnxq.cli.bench import bench; bench()"
     run = subprocess.run([sys.executable, "-c", code, str(FLOAT), str(int8_model), *QUICK_FLAGS,
                           "--threads", "2", "--json"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -239,7 +239,7 @@ def test_runs_as_a_subprocess(int8_model):
 def test_a_model_that_fails_on_the_feed_is_one_line_even_from_ort_itself(tmp_path):
     """ORT's own C++ log goes to file descriptor 2, which only a real process shows."""
     model = reshape_model(tmp_path / "reshape.onnx")
-    code = "from onnxq.cli_bench import bench; bench()"
+    code = "from onnxq.cli.bench import bench; bench()"
     bad = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from graphs import small_cnn, small_cnn_feeds
-from onnxq.bias_correction import RunningChannelMean, conv_output_shift, gemm_output_shift
+from onnxq.calibration.bias_correction import RunningChannelMean, conv_output_shift, gemm_output_shift
 
 
 def _conv(weight: np.ndarray, x: np.ndarray, group: int) -> np.ndarray:

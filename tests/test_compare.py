@@ -19,9 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from graphs import small_cnn, small_cnn_feeds
-from onnxq.cli_compare import compare
-from onnxq.compare import WeightSource, compare_models, exclude_suggestion, rank_layers
+from onnxq.cli.compare import compare
 from onnxq.errors import OnnxqError
+from onnxq.report.compare import WeightSource, compare_models, exclude_suggestion, rank_layers
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "bundled"
 

@@ -12,8 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxq
 from graphs import small_cnn, small_cnn_feeds
 from onnxq import model_io
-from onnxq.calibrate import observe
-from onnxq.comq import (
+from onnxq.calibration.calibrate import observe
+from onnxq.config import WeightMethod
+from onnxq.data import open_calibration
+from onnxq.numerics import IntRange
+from onnxq.passes import prepare
+from onnxq.passes.annotate import annotate
+from onnxq.weights.comq import (
     ComqSettings,
     best_rounded_start,
     comq,
@@ -21,13 +26,8 @@ from onnxq.comq import (
     reconstruction_error,
     scale_step,
 )
-from onnxq.config import WeightMethod
-from onnxq.data import open_calibration
-from onnxq.gram import ConvGeometry, conv_patches, weight_rows
-from onnxq.numerics import IntRange
-from onnxq.passes import prepare
-from onnxq.passes.annotate import annotate
-from onnxq.search_comq import comq_layers, gram_observers
+from onnxq.weights.gram import ConvGeometry, conv_patches, weight_rows
+from onnxq.weights.search_comq import comq_layers, gram_observers
 
 
 def _layer(rng, d_in, d_out=1, samples=60):

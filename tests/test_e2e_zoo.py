@@ -30,7 +30,7 @@ import pytest
 
 import onnxq
 from onnxq import zoo
-from onnxq.kernels import optimized_op_counts
+from onnxq.report.kernels import optimized_op_counts
 
 
 def _quantize(name: str, tmp_path, config: onnxq.QuantConfig | None = None, tag: str = "int8"):

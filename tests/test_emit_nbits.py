@@ -14,20 +14,20 @@ from onnx import TensorProto, helper, numpy_helper
 import graphs
 import onnxq
 from onnxq import model_io
-from onnxq.config import QuantConfig
-from onnxq.emit import EmitOptions, emit, emit_options
-from onnxq.kernels import optimized_op_counts
-from onnxq.numerics import IntRange
-from onnxq.passes import INT4_MIN_OPSET, prepare
-from onnxq.plan import QuantPlan, WeightQuant
-from onnxq.qparams import QParams, WeightParams, weight_params_for
-from onnxq.sizes import (
+from onnxq.bits.sizes import (
     ACTIVATION_QPARAMS,
     layer_bytes,
     predicted_layer_bytes,
     tensor_bytes,
     unquantized_bytes,
 )
+from onnxq.config import QuantConfig
+from onnxq.emit import EmitOptions, emit, emit_options
+from onnxq.numerics import IntRange
+from onnxq.passes import INT4_MIN_OPSET, prepare
+from onnxq.plan import QuantPlan, WeightQuant
+from onnxq.qparams import QParams, WeightParams, weight_params_for
+from onnxq.report.kernels import optimized_op_counts
 
 ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 NONE = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

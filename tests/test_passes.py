@@ -10,13 +10,13 @@ from onnx import TensorProto, helper, numpy_helper
 from graphs import small_cnn, small_cnn_feeds, tiny_attention
 from onnxq.config import ActivationType, QuantConfig
 from onnxq.errors import ConfigError
-from onnxq.kernels import integer_kernel_counts, optimized_op_counts
 from onnxq.passes import prepare
 from onnxq.passes.annotate import annotate
 from onnxq.passes.fold_batchnorm import FoldBatchNormPass
 from onnxq.passes.insert_qdq import InsertQDQPass
 from onnxq.passes.upgrade_opset import UpgradeOpsetPass
 from onnxq.qparams import ActivationParams, QParams, activation_params, weight_params_for
+from onnxq.report.kernels import integer_kernel_counts, optimized_op_counts
 
 
 def _run(proto: onnx.ModelProto, feed):
@@ -95,7 +95,7 @@ def test_annotate_attention_leaves_softmax_float():
 
 def _minmax_qparams(model, plan, proto, feeds):
     """Min/max ranges measured by running ORT with the group tensors exposed."""
-    from onnxq.calibrate import expose_tensors
+    from onnxq.calibration.calibrate import expose_tensors
     names = plan.stats_tensors
     session = ort.InferenceSession(expose_tensors(proto, names).SerializeToString(),
                                    providers=["CPUExecutionProvider"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import entropy as scipy_kl
 
-from onnxq.ranges import (
+from onnxq.calibration.ranges import (
     METHODS,
     _expected_sq_error,
     _window_kl,
@@ -16,7 +16,7 @@ from onnxq.ranges import (
     mse_range,
     percentile_range,
 )
-from onnxq.statistics import TensorStatistics
+from onnxq.calibration.statistics import TensorStatistics
 
 SHAPES = [(700,), (30, 50), (2, 30, 40), (1, 1, 90, 20), (), (0,), (110, 10)]
 

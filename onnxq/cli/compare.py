@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from onnxq.cli_support import reports_errors
-from onnxq.compare import (
+from onnxq.cli.support import reports_errors
+from onnxq.report.compare import (
     DEFAULT_MAX_FEEDS,
     LayerDamage,
     WeightSource,
@@ -31,7 +31,7 @@ from onnxq.compare import (
     exclude_suggestion,
     rank_layers,
 )
-from onnxq.verify import FidelityReport
+from onnxq.scoring.fidelity import FidelityReport
 
 logger = logging.getLogger(__name__)
 

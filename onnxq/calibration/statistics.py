@@ -5,7 +5,7 @@ each feed's values to one `TensorStatistics`. The object never keeps the values:
 running min and max, counts, and a fixed-size histogram, so 1,000 feeds of a 10M-float tensor
 cost the same memory as one, and feeds whose shapes differ (text models with varying sequence
 lengths) mix freely: only the values matter, never the shape. The range methods of
-`onnxq.ranges` (minmax, percentile, entropy, mse) read these statistics afterwards.
+`onnxq.calibration.ranges` (minmax, percentile, entropy, mse) read these statistics afterwards.
 
 Non-finite values (NaN, +-inf, e.g. an attention mask built with -inf) are counted in
 `nonfinite_count` and left out of everything else. Large finite mask constants such as -3.4e38

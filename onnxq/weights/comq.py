@@ -63,7 +63,7 @@ class ComqSettings:
             the others stay symmetric. BN-folded Conv weights are skewed (EfficientNet-Lite0
             W4A8 logit cosine 0.86 -> 0.90); MatMul weights, after SmoothQuant, are not (MiniLM
             cosine 0.968 symmetric, 0.962 asymmetric), and a symmetric MatMul weight keeps
-            MatMulNBits' implied zero point. Read by onnxq.search_comq; `comq()` itself takes
+            MatMulNBits' implied zero point. Read by onnxq.weights.search_comq; `comq()` itself takes
             symmetry as an argument.
     """
 

@@ -24,7 +24,7 @@ the first `batch` samples of its array on axis 0 (a single feed of exactly that 
 unchanged), checked against the model with `onnxq.data.check_feed`.
 
 Integer kernels are counted on the graph ORT's CPU execution provider builds after its
-optimizations (`onnxq.kernels`): what really runs in integers, not what the QDQ graph
+optimizations (`onnxq.report.kernels`): what really runs in integers, not what the QDQ graph
 promises. With `provider="cuda"` the times include copying inputs to and outputs from the GPU.
 """
 
@@ -46,8 +46,8 @@ from onnx.external_data_helper import _get_all_tensors
 
 from onnxq.data import InputSpec, _read_npz, check_feed, model_input_specs
 from onnxq.errors import CalibrationDataError, ConfigError, ModelError, OnnxqError
-from onnxq.kernels import integer_kernel_counts, optimized_op_counts
 from onnxq.model_io import load_model
+from onnxq.report.kernels import integer_kernel_counts, optimized_op_counts
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class BenchResult:
     throughput_per_s: float  # samples per second = batch / mean latency
     provider: str
     threads: int
-    integer_kernels: dict[str, int]  # from ORT's optimized graph (onnxq.kernels)
+    integer_kernels: dict[str, int]  # from ORT's optimized graph (onnxq.report.kernels)
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxq.statistics import TensorStatistics
+from onnxq.calibration.statistics import TensorStatistics
 
 #: The methods `compute_range` knows.
 METHODS = ("minmax", "percentile", "entropy", "mse")

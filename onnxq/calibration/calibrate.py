@@ -3,7 +3,7 @@
 The float model is run with the tensors the plan needs exposed as extra graph outputs; each
 feed's values are streamed into one `TensorStatistics` per tensor and dropped, so memory does
 not grow with the number of feeds (or depend on their shapes). Ranges then come from the
-statistics by the configured method (onnxq.ranges), and become per-tensor scales/zero points.
+statistics by the configured method (onnxq.calibration.ranges), and become per-tensor scales/zero points.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxq.calibration.ranges import compute_range
+from onnxq.calibration.statistics import TensorStatistics
 from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.data import Feed
 from onnxq.model_io import create_session
 from onnxq.plan import QuantPlan
 from onnxq.qparams import ActivationParams, activation_params
-from onnxq.ranges import compute_range
-from onnxq.statistics import TensorStatistics
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,16 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from onnxq.bench import BenchResult, BenchSettings, benchmark_model, check_same_inputs, make_feed, ratios
-from onnxq.cli_support import OneLineCommand, reports_errors
+from onnxq.cli.support import OneLineCommand, reports_errors
 from onnxq.errors import ConfigError
+from onnxq.report.bench import (
+    BenchResult,
+    BenchSettings,
+    benchmark_model,
+    check_same_inputs,
+    make_feed,
+    ratios,
+)
 
 logger = logging.getLogger(__name__)
 

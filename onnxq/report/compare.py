@@ -1,7 +1,7 @@
 """Compare a quantized model with its float model, overall and layer by layer.
 
 Overall: both models run in ONNX Runtime (ORT) on the same feeds and every output is measured
-with `onnxq.verify.measure_fidelity` (mean / min cosine, SQNR, max |error|, top-1 agreement).
+with `onnxq.scoring.fidelity.measure_fidelity` (mean / min cosine, SQNR, max |error|, top-1 agreement).
 
 Per layer, on a QDQ model written by any tool (onnxq, ORT's `quantize_static`):
 
@@ -68,7 +68,7 @@ from onnxq import model_io
 from onnxq.data import Feed, model_input_specs, open_calibration
 from onnxq.errors import ModelError, OnnxqError
 from onnxq.passes import prepare
-from onnxq.verify import FidelityReport, measure_fidelity
+from onnxq.scoring.fidelity import FidelityReport, measure_fidelity
 
 logger = logging.getLogger(__name__)
 

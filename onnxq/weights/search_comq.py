@@ -1,7 +1,7 @@
 """COMQ over a whole plan: per weight layer, rows and H in, `WeightParams` with COMQ's codes out.
 
-Takes the Gram matrices of the layers' inputs (onnxq.gram) and runs the numeric core
-(onnxq.comq) per layer and per Conv group. Layers COMQ cannot take (a MatMul weight of rank
+Takes the Gram matrices of the layers' inputs (onnxq.weights.gram) and runs the numeric core
+(onnxq.weights.comq) per layer and per Conv group. Layers COMQ cannot take (a MatMul weight of rank
 > 2) keep their round-to-nearest parameters. The codes, scales and zero points returned (zero
 points non-zero for the op types in `ComqSettings.asymmetric_ops`) are emitted as they are.
 """
@@ -14,10 +14,10 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.comq import ComqSettings, comq
-from onnxq.gram import GramAccumulator, weight_from_rows, weight_rows
 from onnxq.plan import WeightQuant
 from onnxq.qparams import WeightParams
+from onnxq.weights.comq import ComqSettings, comq
+from onnxq.weights.gram import GramAccumulator, weight_from_rows, weight_rows
 
 logger = logging.getLogger(__name__)
 

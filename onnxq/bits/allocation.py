@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxq import sensitivity, sizes
-from onnxq.allocate import Knapsack, solve
+from onnxq.bits import sensitivity, sizes
+from onnxq.bits.knapsack import Knapsack, solve
 from onnxq.config import QuantConfig
 from onnxq.data import CalibrationSet
 from onnxq.emit import EmitOptions

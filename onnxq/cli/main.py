@@ -22,10 +22,9 @@ from rich.table import Table
 
 from onnxq import model_io
 from onnxq.api import QuantResult, quantize
-from onnxq.card import card_paths
-from onnxq.cli_bench import bench
-from onnxq.cli_compare import compare
-from onnxq.cli_support import OneLineCommand, reports_errors
+from onnxq.cli.bench import bench
+from onnxq.cli.compare import compare
+from onnxq.cli.support import OneLineCommand, reports_errors
 from onnxq.config import (
     ActivationType,
     CalibrationMethod,
@@ -35,6 +34,7 @@ from onnxq.config import (
     load_config,
 )
 from onnxq.errors import ConfigError
+from onnxq.report.card import card_paths
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The stages of one quantization run, in data-flow order (see onnxq.state)."""
