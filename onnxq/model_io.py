@@ -1,7 +1,8 @@
 """Reading models defensively and writing them atomically.
 
 Reading turns every way a file can be wrong (missing, not ONNX, truncated, weights in a
-missing external-data file, an op ONNX Runtime cannot run) into one `ModelError` line.
+missing external-data file) into one `ModelError` line; an op ONNX Runtime cannot run is
+found when a session is opened (onnxq.scoring.sessions).
 Writing never touches the input: the model goes to a temporary file beside the target and is
 renamed over it only once complete; models past protobuf's 2 GB limit keep their weights in
 an external-data file beside the model.
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
 from onnxq.errors import ModelError, OnnxqError
@@ -61,28 +61,6 @@ def check_model(proto: onnx.ModelProto, label: str) -> None:
 
 def model_bytes(proto: onnx.ModelProto) -> bytes:
     return proto.SerializeToString()
-
-
-def create_session(
-    proto: onnx.ModelProto | bytes,
-    label: str,
-    optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    threads: int = 0,
-    session_config: dict[str, str] | None = None,
-) -> ort.InferenceSession:
-    """An ORT CPU session; a model ORT cannot load (e.g. an unsupported op) is a ModelError."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = optimization
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    for key, value in (session_config or {}).items():
-        options.add_session_config_entry(key, value)
-    data = proto if isinstance(proto, bytes) else model_bytes(proto)
-    try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # ORT raises its own exception types per failure kind
-        message = " ".join(str(error).split())
-        raise ModelError(f"ONNX Runtime cannot load {label}: {message[:300]}") from None
 
 
 def to_ir(proto: onnx.ModelProto) -> ir.Model:

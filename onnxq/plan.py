@@ -40,6 +40,10 @@ class WeightQuant:
     axis: int | None
     grid: IntRange
 
+    def at_bits(self, bits: int) -> WeightQuant:
+        """The same weight quantized at `bits` (same signedness)."""
+        return dataclasses.replace(self, grid=IntRange(bits, self.grid.signed))
+
 
 @dataclass(frozen=True)
 class BiasQuant:
@@ -67,8 +71,7 @@ class QuantPlan:
 
     def with_weight_bits(self, bits: dict[str, int]) -> QuantPlan:
         """A copy whose weights of the named nodes have the given bits (others unchanged)."""
-        weights = [dataclasses.replace(spec, grid=IntRange(bits[spec.node], spec.grid.signed))
-                   if spec.node in bits else spec for spec in self.weights]
+        weights = [spec.at_bits(bits[spec.node]) if spec.node in bits else spec for spec in self.weights]
         return dataclasses.replace(self, weights=weights)
 
     def group_of(self, tensor: str) -> ActivationGroup:

@@ -17,37 +17,26 @@ allocator, onnxq.bits.knapsack, later re-plans the ones no rule fixed).
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 
 import onnx_ir as ir
 
 from onnxq.config import ActivationType, LayerRule, PerTensor, QuantConfig
-from onnxq.errors import ConfigError
 from onnxq.numerics import INT8, UINT8, IntRange
 from onnxq.passes.op_table import OpKind, activation_input_indices, rule_for, weight_axis
+from onnxq.patterns import nodes_matching
 from onnxq.plan import ActivationGroup, BiasQuant, QuantPlan, WeightQuant
 
 logger = logging.getLogger(__name__)
-
-
-def _nodes_matching(nodes, pattern: str, nothing: str) -> list[str]:
-    """Names of the nodes a pattern matches (op type, node name, or a glob over node names);
-    none is a ConfigError with the message `nothing`."""
-    hits = [node.name for node in nodes if node.op_type == pattern or node.name == pattern
-            or fnmatch.fnmatchcase(node.name or "", pattern)]
-    if not hits:
-        raise ConfigError(nothing)
-    return hits
 
 
 def excluded_nodes(graph: ir.Graph, patterns: tuple[str, ...]) -> dict[str, str]:
     """Node name -> the exclude entry that matched it; an entry matching nothing is an error."""
     matched: dict[str, str] = {}
     for pattern in patterns:
-        for name in _nodes_matching(graph, pattern,
-                                    f"exclude entry {pattern!r} matches no node name or op type"):
-            matched.setdefault(name, pattern)
+        hits = nodes_matching(graph, pattern, f"exclude entry {pattern!r} matches no node name or op type")
+        for node in hits:
+            matched.setdefault(node.name, pattern)
     return matched
 
 
@@ -55,10 +44,10 @@ def layer_rule_bits(layers: list[ir.Node], rules: tuple[LayerRule, ...]) -> dict
     """Layer name -> the last rule that matches it; a rule matching no layer is an error."""
     chosen: dict[str, LayerRule] = {}
     for rule in rules:
-        hits = _nodes_matching(layers, rule.pattern,
-                               f"layer rule {rule.pattern!r} matches no quantizable layer "
-                               f"(node name, op type or glob over node names)")
-        chosen.update(dict.fromkeys(hits, rule))
+        hits = nodes_matching(layers, rule.pattern,
+                              f"layer rule {rule.pattern!r} matches no quantizable layer "
+                              f"(node name, op type or glob over node names)")
+        chosen.update(dict.fromkeys((node.name for node in hits), rule))
     return chosen
 
 
@@ -119,69 +108,100 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
     """Build the plan for a prepared model (nodes named, constants as initializers)."""
     graph = model.graph
     excluded = excluded_nodes(graph, config.exclude)
-    activation_grid = INT8 if config.activation_type is ActivationType.INT8 else UINT8
-    per_tensor = isinstance(config.weight_granularity, PerTensor)
     layer_rules = layer_rule_bits(weight_layers(graph, config), config.layer_rules)
     for name, layer_rule in layer_rules.items():
         if layer_rule.bits is None:
             excluded.setdefault(name, f"{layer_rule.pattern}=float")
-    plan = QuantPlan()
-    groups = _Groups()
-
+    walk = _Walk(config, excluded, layer_rules)
     # Compute nodes first: their inputs are quantized whatever comes before them.
     for node in graph:
         rule = rule_for(node)
-        if node.name in excluded or rule is None or rule.kind is not OpKind.COMPUTE:
-            continue
-        weight = node.inputs[rule.weight_input] if rule.weight_input is not None else None
+        if node.name not in excluded and rule is not None and rule.kind is OpKind.COMPUTE:
+            walk.compute_node(node, rule)
+    # Chains and joins, in topological order, so each sees its producers decided.
+    for node in graph:
+        if node.name not in walk.plan.quantized_nodes:
+            walk.other_node(node, rule_for(node))
+    plan = walk.plan
+    for reason_node in list(plan.float_reasons):
+        if reason_node in plan.quantized_nodes:
+            del plan.float_reasons[reason_node]
+    _add_activation_groups(graph, plan, walk.groups, config)
+    logger.info("plan: %d nodes quantized, %d float, %d activation groups, %d weights",
+                len(plan.quantized_nodes), len(plan.float_nodes), len(plan.activation_groups),
+                len(plan.weights))
+    return plan
+
+
+class _Walk:
+    """The plan and activation groups filled in node by node."""
+
+    def __init__(self, config: QuantConfig, excluded: dict[str, str],
+                 layer_rules: dict[str, LayerRule]) -> None:
+        self.config = config
+        self.excluded = excluded
+        self.layer_rules = layer_rules
+        self.per_tensor = isinstance(config.weight_granularity, PerTensor)
+        self.plan = QuantPlan()
+        self.groups = _Groups()
+
+    def _float_reason(self, node: ir.Node, weight: ir.Value | None) -> str | None:
+        """Why a compute node stays float, or None when it is quantized."""
         if node.op_type == "Gather":
-            if not _is_embedding(node, config):
-                plan.float_reasons[node.name] = "no integer kernel"
-                continue
-        elif node.op_type == "MatMul":
+            return None if _is_embedding(node, self.config) else "no integer kernel"
+        if node.op_type == "MatMul":
             if _is_constant(node.inputs[0]):
-                plan.float_reasons[node.name] = "constant first operand"
-                continue
-            if not _is_constant(weight) and not config.quantize_activation_matmul:
-                plan.float_reasons[node.name] = "activation x activation MatMul (option off)"
-                continue
-        elif not _is_constant(weight):
-            plan.float_reasons[node.name] = "weight is not a constant"
-            continue
+                return "constant first operand"
+            if not _is_constant(weight) and not self.config.quantize_activation_matmul:
+                return "activation x activation MatMul (option off)"
+            return None
+        return None if _is_constant(weight) else "weight is not a constant"
+
+    def compute_node(self, node: ir.Node, rule) -> None:
+        """A compute node: its activation inputs, constant weight and bias, maybe its output."""
+        plan = self.plan
+        weight = node.inputs[rule.weight_input] if rule.weight_input is not None else None
+        reason = self._float_reason(node, weight)
+        if reason is not None:
+            plan.float_reasons[node.name] = reason
+            return
         plan.quantized_nodes[node.name] = node.op_type
         for index in rule.activation_inputs:
             value = node.inputs[index]
             if value is not None and not _is_constant(value):
-                groups.add(value.name)
+                self.groups.add(value.name)
         if _is_constant(weight):
-            axis = None if per_tensor else weight_axis(node) % len(weight.const_value.shape)
-            bits = config.weight_bits
-            if node.name in layer_rules:
-                bits = layer_rules[node.name].bits
-                plan.bits_rules[node.name] = f"{layer_rules[node.name].pattern}={bits}"
-            plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis,
-                                            IntRange(bits, signed=True)))
-            bias = node.inputs[rule.bias_input] if (rule.bias_input is not None
-                                                     and len(node.inputs) > rule.bias_input) else None
-            if _is_constant(bias) and len(bias.const_value.shape) == 1:
-                plan.biases.append(BiasQuant(bias.name, node.name, rule.bias_input,
-                                             node.inputs[0].name, weight.name))
+            self._weight_and_bias(node, rule, weight)
         if rule.quantize_output:
-            groups.add(node.outputs[0].name)
+            self.groups.add(node.outputs[0].name)
 
-    # Chains and joins, in topological order, so each sees its producers decided.
-    for node in graph:
-        rule = rule_for(node)
-        if node.name in plan.quantized_nodes:
-            continue
-        if node.name in excluded:
+    def _weight_and_bias(self, node: ir.Node, rule, weight: ir.Value) -> None:
+        plan = self.plan
+        axis = None if self.per_tensor else weight_axis(node) % len(weight.const_value.shape)
+        bits = self.config.weight_bits
+        if node.name in self.layer_rules:
+            bits = self.layer_rules[node.name].bits
+            plan.bits_rules[node.name] = f"{self.layer_rules[node.name].pattern}={bits}"
+        plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis,
+                                        IntRange(bits, signed=True)))
+        bias = node.inputs[rule.bias_input] if (rule.bias_input is not None
+                                                 and len(node.inputs) > rule.bias_input) else None
+        if _is_constant(bias) and len(bias.const_value.shape) == 1:
+            plan.biases.append(BiasQuant(bias.name, node.name, rule.bias_input,
+                                         node.inputs[0].name, weight.name))
+
+    def other_node(self, node: ir.Node, rule) -> None:
+        """A node not quantized as a compute node: a chain or join that joins its inputs'
+        groups, or a float node with its reason."""
+        plan, groups = self.plan, self.groups
+        if node.name in self.excluded:
             plan.float_nodes[node.name] = node.op_type
-            plan.float_reasons[node.name] = f"excluded by {excluded[node.name]!r}"
-            continue
+            plan.float_reasons[node.name] = f"excluded by {self.excluded[node.name]!r}"
+            return
         if rule is None:
             plan.float_nodes[node.name] = node.op_type
             plan.float_reasons.setdefault(node.name, "no integer kernel")
-            continue
+            return
         if rule.kind is OpKind.CHAIN:
             source = node.inputs[0]
             output = node.outputs[0]
@@ -189,30 +209,26 @@ def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
                     and not source.is_graph_output()):
                 groups.extend(source.name, output.name)
                 plan.quantized_nodes[node.name] = node.op_type
-                continue
+                return
         elif rule.kind is OpKind.JOIN:
             inputs = [node.inputs[i] for i in activation_input_indices(node, rule)
                       if i < len(node.inputs) and node.inputs[i] is not None]
             if inputs and all(not _is_constant(v) and v.name in groups for v in inputs):
                 groups.add(node.outputs[0].name)
                 plan.quantized_nodes[node.name] = node.op_type
-                continue
+                return
         plan.float_nodes[node.name] = node.op_type
         plan.float_reasons.setdefault(node.name, "inputs not quantized")
-    for reason_node in list(plan.float_reasons):
-        if reason_node in plan.quantized_nodes:
-            del plan.float_reasons[reason_node]
 
+
+def _add_activation_groups(graph: ir.Graph, plan: QuantPlan, groups: _Groups, config: QuantConfig) -> None:
+    activation_grid = INT8 if config.activation_type is ActivationType.INT8 else UINT8
     values = {v.name: v for v in _all_values(graph)}
     for tail, members in groups.members.items():
         consumers = sorted({use.node.name for m in members for use in values[m].uses()})
         plan.activation_groups.append(ActivationGroup(
             tensors=tuple(members), stats_tensor=tail, grid=activation_grid,
             symmetric=config.activation_type.symmetric, consumers=tuple(consumers)))
-    logger.info("plan: %d nodes quantized, %d float, %d activation groups, %d weights",
-                len(plan.quantized_nodes), len(plan.float_nodes), len(plan.activation_groups),
-                len(plan.weights))
-    return plan
 
 
 def _all_values(graph: ir.Graph):

@@ -9,10 +9,11 @@ import pytest
 from graphs import small_cnn, small_cnn_feeds, tiny_attention
 from onnxq import QuantConfig, model_io, quantize
 from onnxq.bits.knapsack import Knapsack, brute_force, solve
-from onnxq.bits.sensitivity import output_damage, tied_layers
+from onnxq.bits.sensitivity import tied_layers
 from onnxq.errors import ConfigError
 from onnxq.passes import QDQ_MIN_OPSET, prepare
 from onnxq.passes.annotate import annotate
+from onnxq.scoring.damage import output_damage
 
 CANDIDATES = (2, 3, 4, 8)
 

@@ -173,3 +173,28 @@ def test_bad_mixed_bits_options_fail_in_one_line(cnn, tmp_path, args, pattern):
     run = onnxq("quantize", model, out, "--calib", calib, *args)
     _assert_one_line_error(run, pattern)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, pattern", [  # run as `python -m onnxq`: click names it so in "see"
+    (("quantize", "--bogus"), "No such option '--bogus'. (see '"),
+    (("compare", "--bogus"), "No such option '--bogus'. (see '"),
+    (("compare", "float.onnx"), "Missing argument 'QUANTIZED'. (see '"),
+    (("bench", "--bogus"), "No such option '--bogus'."),
+    (("bench",), "Missing argument 'MODEL [MODEL ...]'. (see '"),
+    (("nosuch",), "No such command 'nosuch'. (see '"),
+    (("-v", "nosuch"), "No such command 'nosuch'. (see '"),
+    (("--bogus",), "No such option '--bogus'."),
+])
+def test_usage_errors_of_every_command_and_the_group_are_one_line(args, pattern):
+    run = onnxq(*args)
+    _assert_one_line_error(run, pattern)
+    command = " ".join(arg for arg in args[:1] if not arg.startswith("-") and arg != "nosuch")
+    assert run.stderr.rstrip().endswith(f"onnxq {command}".rstrip() + " --help')"), run.stderr
+    assert run.returncode == 2
+    assert run.stdout == ""
+
+
+def test_bare_group_still_shows_its_help():
+    run = onnxq()
+    assert "onnxq: error:" not in run.stdout + run.stderr
+    assert "Commands:" in run.stdout + run.stderr and "quantize" in run.stdout + run.stderr

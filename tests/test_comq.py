@@ -13,13 +13,14 @@ import onnxq
 from graphs import small_cnn, small_cnn_feeds
 from onnxq import model_io
 from onnxq.calibration.calibrate import observe
-from onnxq.config import WeightMethod
+from onnxq.config import ComqConfig, WeightMethod
 from onnxq.data import open_calibration
+from onnxq.errors import ConfigError
+from onnxq.index import ModelIndex
 from onnxq.numerics import IntRange
 from onnxq.passes import prepare
 from onnxq.passes.annotate import annotate
 from onnxq.weights.comq import (
-    ComqSettings,
     best_rounded_start,
     comq,
     gptq_codes,
@@ -43,7 +44,7 @@ def test_reaches_brute_force_optimum_on_tiny_layers():
     gaps = []
     for _ in range(30):
         weight, hessian = _layer(rng, 4)
-        result = comq(weight, hessian, grid, symmetric=True, settings=ComqSettings(sweeps=4))
+        result = comq(weight, hessian, grid, symmetric=True, settings=ComqConfig(sweeps=4))
         scale = float(result.scale[0])
         best = min(reconstruction_error(weight, np.array(codes)[None] * scale, hessian)[0]
                    for codes in itertools.product(range(grid.qmin, grid.qmax + 1), repeat=4))
@@ -61,7 +62,7 @@ def test_every_step_never_increases_the_error(bits, update_scales, symmetric, gp
     weight, hessian = _layer(rng, 48, d_out=16, samples=200)
     weight = weight + (0.5 if not symmetric else 0.0)  # skewed rows: zero points matter
     result = comq(weight, hessian, IntRange(bits, True), symmetric,
-                  ComqSettings(sweeps=3, update_scales=update_scales, gptq_start=gptq_start))
+                  ComqConfig(sweeps=3, update_scales=update_scales, gptq_start=gptq_start))
     errors = np.array(result.errors)
     assert np.all(np.diff(errors) <= 1e-9 * errors[0])
     assert errors[-1] < errors[0]
@@ -72,8 +73,8 @@ def test_beats_round_to_nearest_and_searched_scale(bits):
     rng = np.random.default_rng(10 + bits)
     weight, hessian = _layer(rng, 64, d_out=32, samples=300)
     grid = IntRange(bits, True)
-    minmax = comq(weight, hessian, grid, True, ComqSettings(sweeps=0, scale_candidates=(1.0,)))
-    searched = comq(weight, hessian, grid, True, ComqSettings(sweeps=0))
+    minmax = comq(weight, hessian, grid, True, ComqConfig(sweeps=0, scale_candidates=(1.0,)))
+    searched = comq(weight, hessian, grid, True, ComqConfig(sweeps=0))
     full = comq(weight, hessian, grid, True)
     assert full.errors[-1] <= searched.errors[0] <= minmax.errors[0]
     assert full.errors[-1] < 0.9 * minmax.errors[0]
@@ -121,8 +122,8 @@ def test_gptq_start_lowers_the_starting_error():
     rng = np.random.default_rng(9)
     weight, hessian = _layer(rng, 64, d_out=32, samples=300)
     grid = IntRange(3, True)
-    rounded = comq(weight, hessian, grid, True, ComqSettings(sweeps=0, damping=0.01, gptq_start=False))
-    started = comq(weight, hessian, grid, True, ComqSettings(sweeps=0, damping=0.01, gptq_start=True))
+    rounded = comq(weight, hessian, grid, True, ComqConfig(sweeps=0, damping=0.01, gptq_start=False))
+    started = comq(weight, hessian, grid, True, ComqConfig(sweeps=0, damping=0.01, gptq_start=True))
     assert started.errors[0] < 0.8 * rounded.errors[0]
 
 
@@ -164,21 +165,21 @@ def test_rank_deficient_h_without_damping():
     falls back to a tiny ridge, and the search still never raises the error."""
     rng = np.random.default_rng(13)
     weight, hessian = _layer(rng, 40, d_out=8, samples=10)
-    result = comq(weight, hessian, IntRange(4, True), True, ComqSettings(damping=0.0))
+    result = comq(weight, hessian, IntRange(4, True), True, ComqConfig(damping=0.0))
     errors = np.array(result.errors)
     assert np.all(np.isfinite(errors)) and np.all(np.diff(errors) <= 1e-9 * errors[0])
 
 
 def test_damping_is_validated():
-    with pytest.raises(ValueError):
-        ComqSettings(damping=-1.0)
+    with pytest.raises(ConfigError):
+        ComqConfig(damping=-1.0)
 
 
 def test_block_size_does_not_change_the_result():
     rng = np.random.default_rng(3)
     weight, hessian = _layer(rng, 40, d_out=8, samples=100)
-    a = comq(weight, hessian, IntRange(4, True), True, ComqSettings(block=7))
-    b = comq(weight, hessian, IntRange(4, True), True, ComqSettings(block=128))
+    a = comq(weight, hessian, IntRange(4, True), True, ComqConfig(block=7))
+    b = comq(weight, hessian, IntRange(4, True), True, ComqConfig(block=128))
     np.testing.assert_array_equal(a.codes, b.codes)
 
 
@@ -250,7 +251,7 @@ def test_real_layers_beat_round_to_nearest_and_the_searched_scale(bits):
     proto = model_io.load_model(root / "digit_cnn.onnx")
     model = prepare(model_io.to_ir(proto))
     plan = annotate(model, onnxq.QuantConfig(weight_bits=bits))
-    layers = comq_layers(model, plan.weights)
+    layers = comq_layers(ModelIndex(model), plan.weights)
     grams = gram_observers(layers)
     feeds = open_calibration(root / "digit_cnn_calib.npz", proto).subset(range(16))
     observe(model_io.to_proto(model), {layers[s].inputs[0].name: [g] for s, g in grams.items()}, feeds)
@@ -259,8 +260,8 @@ def test_real_layers_beat_round_to_nearest_and_the_searched_scale(bits):
         gram = grams[spec]
         group = gram.geometry.group if gram.geometry else 1
         rows = weight_rows(node, node.inputs[1].const_value.numpy(), group)
-        minmax = comq(rows, gram.hessian, grid, True, ComqSettings(sweeps=0, scale_candidates=(1.0,)))
-        searched = comq(rows, gram.hessian, grid, True, ComqSettings(sweeps=0))
+        minmax = comq(rows, gram.hessian, grid, True, ComqConfig(sweeps=0, scale_candidates=(1.0,)))
+        searched = comq(rows, gram.hessian, grid, True, ComqConfig(sweeps=0))
         full = comq(rows, gram.hessian, grid, True)
         assert full.errors[-1] <= searched.errors[0] <= minmax.errors[0], spec.node
         assert full.errors[-1] < minmax.errors[0], spec.node

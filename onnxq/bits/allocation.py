@@ -4,7 +4,7 @@
     each free layer x candidate bits    --WeightProbe (ORT)-->  damage table
     groups x candidates: damage, cost   --allocate.solve (MILP)-->  bits per group
 
-Budgets (one of them, `QuantConfig.allocation_budget`):
+Budgets (one of them; typed in onnxq.bits.budgets):
 
     avg_bits     sum(bits * elements) <= avg_bits * sum(elements), over all quantized weights
     max_size_mb  predicted bytes of the written file <= max_size_mb * 10^6
@@ -24,7 +24,6 @@ baseline that shows whether the sensitivity signal is real.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,16 +33,17 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.bits import sensitivity, sizes
+from onnxq.bits.budgets import BudgetContext, LayerFacts, MaxDrop, budget_from
 from onnxq.bits.knapsack import Knapsack, solve
-from onnxq.config import QuantConfig
+from onnxq.config import Allocator, QuantConfig
 from onnxq.data import CalibrationSet
 from onnxq.emit import EmitOptions
 from onnxq.errors import ConfigError
+from onnxq.index import ModelIndex
 from onnxq.plan import QuantPlan
 
 logger = logging.getLogger(__name__)
 
-ACTIVATION_BITS = 8
 MAX_DROP_STEPS = 8
 
 
@@ -88,6 +88,10 @@ class AllocationReport:
 
 # Called as values(layer, bits) -> (dequantized weight, corrected bias or None).
 CandidateValues = Callable[[str, int], tuple[np.ndarray, np.ndarray | None]]
+# Called with {layer: bits}: the worst output cosine of that model on held-out feeds.
+FidelityProbe = Callable[[dict[str, int]], float]
+
+
 @dataclass(frozen=True)
 class ProbeBase:
     """The model the sensitivity probes start from: the float model (`float_session` None) or
@@ -99,99 +103,103 @@ class ProbeBase:
     float_session: object | None = None
 
 
-# Called with {layer: bits}: the worst output cosine of that model on held-out feeds.
-FidelityProbe = Callable[[dict[str, int]], float]
+@dataclass(frozen=True)
+class AllocationRequest:
+    """What is allocated: the prepared model, its plan (rule-fixed layers keep their bits), the
+    config (budget, candidates, measure), the calibration feeds, the emitter's layout, and the
+    sizes a size budget is measured against: the float model's, and that of the model emitted
+    with `plan` as it is (the budget is met by changing the layers' part of it, as
+    `sizes.predict_layer_bytes` predicts it)."""
+
+    index: ModelIndex
+    plan: QuantPlan
+    config: QuantConfig
+    feeds: CalibrationSet
+    layout: EmitOptions
+    float_bytes: int
+    quantized_bytes: int = 0
 
 
-def allocate_bits(
-    model: ir.Model,
-    plan: QuantPlan,
-    config: QuantConfig,
-    feeds: CalibrationSet,
-    values: CandidateValues,
-    base: ProbeBase,
-    quantized_bytes: int,
-    float_bytes: int,
-    layout: EmitOptions,
-    fidelity_of: FidelityProbe | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> AllocationReport:
-    """Bits for every weight layer of `plan` under `config`'s budget.
+@dataclass(frozen=True)
+class LayerProbes:
+    """How candidates are measured: each layer's values at b bits, the probes' base model, and
+    (for max_drop) the fidelity of a whole allocation."""
 
-    `float_bytes` is the float model's size, `quantized_bytes` the size of the model emitted
-    with `plan` as it is, in the emitter's
-    `layout` (the size budget is met by changing the layers' part of it, as
-    `sizes.predict_layer_bytes` predicts it).
-    """
+    values: CandidateValues
+    base: ProbeBase
+    fidelity_of: FidelityProbe | None = None
+
+
+def allocate_bits(request: AllocationRequest, probes: LayerProbes,
+                  progress: Callable[[int], None] | None = None) -> AllocationReport:
+    """Bits for every weight layer of the request's plan under its config's budget."""
     start = time.perf_counter()
-    nodes = {node.name: node for node in model.graph}
+    index, plan, config = request.index, request.plan, request.config
     specs = {spec.node: spec for spec in plan.weights}
-    shapes = {name: tuple(nodes[name].inputs[spec.input_index].const_value.shape)
-              for name, spec in specs.items()}
     free = [name for name in specs if name not in plan.bits_rules]
-    geometry = {name: sizes.layer_geometry(model, plan, spec) for name, spec in specs.items()}
     candidates = tuple(sorted(set(config.candidate_bits)))
-    probe_feeds = [feeds.feed(i) for i in range(min(len(feeds), config.sensitivity_feeds))]
-    if config.allocator == "random":
-        rng = np.random.default_rng(config.seed)
-        damage = {name: {b: float(rng.random()) for b in candidates} for name in free}
-    else:
-        probe = sensitivity.WeightProbe(base.model, plan, {name: base.defaults(name) for name in free})
-        damage = sensitivity.measure_sensitivity(probe, probe_feeds, dict.fromkeys(free, candidates),
-                                                 values, config.sensitivity, progress,
-                                                 base.float_session)
-    macs = sensitivity.layer_macs(model, list(specs.values()), probe_feeds[0])
-    groups = [g for g in sensitivity.tied_layers(model, plan) if g[0] in free]
+    probe_feeds = [request.feeds.feed(i) for i in range(min(len(request.feeds), config.sensitivity_feeds))]
+    damage = _damage_table(request, probes, free, candidates, probe_feeds, progress)
+    macs = sensitivity.layer_macs(index.model, list(specs.values()), probe_feeds[0])
+    facts = {name: LayerFacts(sizes.layer_geometry(index, plan, spec), macs[name])
+             for name, spec in specs.items()}
+    groups = [g for g in sensitivity.tied_layers(index.model, plan) if g[0] in free]
     group_of = {name: number for number, group in enumerate(groups) for name in group}
+    budget = budget_from(config)
+    context = BudgetContext(sum(f.elements for f in facts.values()), request.float_bytes, request.layout)
 
-    def cost_of(name: str, bits: int, budget: str) -> float:
-        if budget in ("avg_bits", "max_drop"):
-            return bits * math.prod(shapes[name])
-        if budget in ("max_size_mb", "max_size_ratio"):
-            return sizes.predict_layer_bytes(geometry[name], bits, layout)
-        return macs[name] * bits * ACTIVATION_BITS
+    def cost_of(name: str, bits: int) -> float:
+        return budget.cost(facts[name], bits, context)
 
-    budget = config.allocation_budget
-    cost = np.array([[sum(cost_of(n, b, budget) for n in group) for b in candidates] for group in groups])
+    cost = np.array([[sum(cost_of(n, b) for n in group) for b in candidates] for group in groups])
     problem = Knapsack(candidates, np.array([[sum(damage[n][b] for n in group) for b in candidates]
                                              for group in groups]).reshape(len(groups), -1),
                        cost.reshape(len(groups), -1))
-    fixed = sum(cost_of(n, specs[n].grid.bits, budget) for n in specs if n not in group_of)
+    fixed = sum(cost_of(n, specs[n].grid.bits) for n in specs if n not in group_of)
+    # Size budgets: the part of the file that no free layer owns (float tensors, scales).
+    outside = (request.quantized_bytes - sum(cost_of(n, specs[n].grid.bits) for n in group_of) - fixed
+               if budget.counts_file else 0)
     steps: list[tuple[float, float]] = []
-    if budget == "avg_bits":
-        limit = config.avg_bits * sum(math.prod(s) for s in shapes.values())
-        allocation = solve(problem, limit - fixed)
-    elif budget in ("max_size_mb", "max_size_ratio"):
-        limit = (config.max_size_mb * 1e6 if budget == "max_size_mb"
-                 else config.max_size_ratio * float_bytes)
-        current = sum(cost_of(n, specs[n].grid.bits, budget) for n in group_of)
-        other = quantized_bytes - current - fixed
-        allocation = solve(problem, limit - other - fixed)
-        fixed += other
-    elif budget == "max_bops":
-        limit = config.max_bops * 1e9
-        allocation = solve(problem, limit - fixed)
-    else:
-        if fidelity_of is None:
+    if isinstance(budget, MaxDrop):
+        if probes.fidelity_of is None:
             raise ConfigError("max_drop needs held-out feeds to measure fidelity, and none are left")
-        total = sum(math.prod(s) for s in shapes.values())
-        allocation, steps = _smallest_within_drop(problem, config.max_drop, groups, fidelity_of,
-                                                  lambda c: (c + fixed) / total)
+        allocation, steps = _smallest_within_drop(problem, budget.drop, groups, probes.fidelity_of,
+                                                  lambda c: (c + fixed) / context.weight_elements)
         limit = allocation.cost + fixed
+    else:
+        limit = budget.limit(context)
+        allocation = solve(problem, limit - outside - fixed)
     chosen = {name: bits for group, bits in zip(groups, allocation.bits, strict=True) for name in group}
     layers = tuple(
-        LayerAllocation(layer=name, op_type=nodes[name].op_type, elements=math.prod(shapes[name]),
+        LayerAllocation(layer=name, op_type=index.node(name).op_type, elements=facts[name].elements,
                         macs=macs[name], bits=chosen.get(name, specs[name].grid.bits),
                         group=group_of.get(name, -1), rule=plan.bits_rules.get(name),
                         damage=damage.get(name, {}))
         for name in specs)
-    report = AllocationReport(budget=budget, limit=float(limit), used=float(allocation.cost + fixed),
-                              measure=config.sensitivity, allocator=config.allocator,
+    report = AllocationReport(budget=budget.config_key, limit=float(limit),
+                              used=float(allocation.cost + (fixed + outside)),
+                              measure=config.sensitivity.value, allocator=config.allocator.value,
                               feeds=len(probe_feeds), layers=layers,
                               seconds=time.perf_counter() - start, steps=tuple(steps))
-    logger.info("allocation (%s): %s", budget,
+    logger.info("allocation (%s): %s", report.budget,
                 dict(sorted(Counter(layer.bits for layer in report.layers).items())))
     return report
+
+
+def _damage_table(request: AllocationRequest, probes: LayerProbes, free: list[str],
+                  candidates: tuple[int, ...], probe_feeds: list,
+                  progress: Callable[[int], None] | None) -> dict[str, dict[int, float]]:
+    """{layer: {bits: damage}} for the free layers: measured through ORT, or random numbers
+    for the random allocator (the baseline that shows whether the measured signal is real)."""
+    config = request.config
+    if config.allocator is Allocator.RANDOM:
+        rng = np.random.default_rng(config.seed)
+        return {name: {b: float(rng.random()) for b in candidates} for name in free}
+    base = probes.base
+    probe = sensitivity.WeightProbe(base.model, request.plan, {name: base.defaults(name) for name in free})
+    return sensitivity.measure_sensitivity(probe, probe_feeds, dict.fromkeys(free, candidates),
+                                           probes.values, config.sensitivity.value, progress,
+                                           base.float_session)
 
 
 def _smallest_within_drop(problem: Knapsack, max_drop: float, groups: list[list[str]],

@@ -6,16 +6,11 @@ the float model's outputs on the same calibration feeds. The base is either the 
 (weights alone) or the 8-bit quantized model (activations and every other weight quantized, so
 the probe sees how the layer's error meets the activations' rounding). To do this for every
 layer and bit-width without building a session each time, `WeightProbe` turns the weights (and
-biases) of the probed layers into graph inputs of one session: the float values are fed by
-default, and a probe feeds one layer's quantized values in their place.
+biases) of the probed layers into graph inputs of one session (an
+`onnxq.scoring.scorer.LiftedModel`): the float values are fed by default, and a probe feeds
+one layer's quantized values in their place.
 
-Damage measures (all >= 0, 0 when the outputs equal float's), per output then averaged:
-
-    mse      sum ||y_q - y||^2 / sum ||y||^2 over the feeds (noise-to-signal energy)
-    kl       KL(softmax(y) || softmax(y_q)) over the last axis, averaged over rows
-    infonce  the contrastive loss of quantized rows against float rows (each row must pick
-             its own float row among the others, temperature 0.1; rows of all feeds pooled),
-             minus the same loss of float against itself
+The damage measures (mse, kl, infonce) are defined in `onnxq.scoring.damage`.
 
 Besides the damage, `layer_macs` gives each layer's multiply-accumulates on one feed (for bit
 operation budgets) and `tied_layers` the groups of layers that must share their bits.
@@ -29,65 +24,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxq import model_io
 from onnxq.data import Feed
 from onnxq.plan import QuantPlan, WeightQuant
-
-INFONCE_TEMPERATURE = 0.1
-INFONCE_MAX_ROWS = 512
-
-Outputs = list[list[np.ndarray]]  # [feed][output]
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
-def _rows(outputs: Outputs, index: int) -> np.ndarray:
-    return np.concatenate([np.asarray(feed[index], np.float64).reshape(-1, feed[index].shape[-1])
-                           if feed[index].ndim else np.asarray(feed[index], np.float64).reshape(1, 1)
-                           for feed in outputs])
-
-
-def _mse(reference: np.ndarray, quantized: np.ndarray) -> float:
-    return float(np.sum((quantized - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
-
-
-def _kl(reference: np.ndarray, quantized: np.ndarray) -> float:
-    p, q = _softmax(reference), _softmax(quantized)
-    return float(np.mean(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30)), axis=-1)))
-
-
-def _contrastive_loss(anchors: np.ndarray, targets: np.ndarray) -> float:
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
-
-    logits = unit(anchors) @ unit(targets).T / INFONCE_TEMPERATURE
-    logits -= logits.max(axis=-1, keepdims=True)
-    log_softmax = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-    return float(-np.mean(np.diagonal(log_softmax)))
-
-
-def _infonce(reference: np.ndarray, quantized: np.ndarray) -> float:
-    if len(reference) > INFONCE_MAX_ROWS:
-        keep = np.linspace(0, len(reference) - 1, INFONCE_MAX_ROWS).astype(int)
-        reference, quantized = reference[keep], quantized[keep]
-    return max(_contrastive_loss(quantized, reference) - _contrastive_loss(reference, reference), 0.0)
-
-
-DAMAGE_MEASURES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "mse": _mse, "kl": _kl, "infonce": _infonce}
-
-
-def output_damage(measure: str, reference: Outputs, quantized: Outputs) -> float:
-    """The damage of `quantized` outputs against `reference`, averaged over the outputs."""
-    function = DAMAGE_MEASURES[measure]
-    count = len(reference[0])
-    return float(np.mean([function(_rows(reference, i), _rows(quantized, i)) for i in range(count)]))
+from onnxq.scoring.damage import DamageMeasure, Outputs, output_damage
+from onnxq.scoring.scorer import LiftedModel, Reference, Scorer
 
 
 class WeightProbe:
@@ -96,60 +38,61 @@ class WeightProbe:
     `model` is either the prepared float model or a quantized (QDQ) copy of it in which the
     probed layers read their weight and bias through DequantizeLinear; `defaults` gives each
     probed layer's (weight, bias or None) values fed when the layer is not the one probed.
+    Layer number n's weight is the input `onnxq_probe_w{n}`, its bias `onnxq_probe_b{n}`.
     """
 
     def __init__(self, model: ir.Model, plan: QuantPlan,
-                 defaults: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
-        probe = model_io.to_ir(model_io.to_proto(model))  # a copy
-        nodes = {node.name: node for node in probe.graph}
+                 defaults: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
+                 scorer: Scorer | None = None) -> None:
         bias_index = {spec.node: spec.input_index for spec in plan.biases}
         specs = {spec.node: spec for spec in plan.weights}
-        self.defaults: dict[str, np.ndarray] = {}
+        lifted: dict[tuple[str, int], np.ndarray] = {}
+        names: dict[tuple[str, int], str] = {}
         self.weight_inputs: dict[str, str] = {}
         self.bias_inputs: dict[str, str] = {}
         for number, (layer, (weight, bias)) in enumerate(defaults.items()):
-            node = nodes[layer]
-            self.weight_inputs[layer] = self._lift(probe.graph, node, specs[layer].input_index,
-                                                   f"onnxq_probe_w{number}", weight)
+            slot = (layer, specs[layer].input_index)
+            lifted[slot], names[slot] = np.asarray(weight, np.float32), f"onnxq_probe_w{number}"
+            self.weight_inputs[layer] = names[slot]
             if layer in bias_index and bias is not None:
-                self.bias_inputs[layer] = self._lift(probe.graph, node, bias_index[layer],
-                                                     f"onnxq_probe_b{number}", bias)
-        RemoveUnusedNodesPass()(probe)
-        proto = model_io.to_proto(probe)
-        self.batch_axis_free = all(
-            graph_input.type.tensor_type.shape.dim and
-            not graph_input.type.tensor_type.shape.dim[0].HasField("dim_value")
-            for graph_input in proto.graph.input if graph_input.name not in self.defaults)
-        self.session = model_io.create_session(proto, "the sensitivity probe")
-        self.output_names = [output.name for output in proto.graph.output]
+                slot = (layer, bias_index[layer])
+                lifted[slot], names[slot] = np.asarray(bias, np.float32), f"onnxq_probe_b{number}"
+                self.bias_inputs[layer] = names[slot]
+        self.lifted: LiftedModel = (scorer or Scorer()).probe(model, lifted, names,
+                                                               "the sensitivity probe")
 
-    def _lift(self, graph: ir.Graph, node: ir.Node, index: int, name: str, array: np.ndarray) -> str:
-        array = np.asarray(array, np.float32)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT))
-        graph.inputs.append(value)
-        node.replace_input_with(index, value)
-        self.defaults[name] = array
-        return name
+    @property
+    def session(self) -> ort.InferenceSession:
+        return self.lifted.session
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.lifted.output_names
+
+    @property
+    def defaults(self) -> dict[str, np.ndarray]:
+        return self.lifted.defaults
+
+    @property
+    def batch_axis_free(self) -> bool:
+        return self.lifted.batch_axis_free
 
     def batched(self, feeds: Sequence[Feed]) -> list[Feed]:
         """Feeds of one shape joined along the batch axis when the model allows it (one run
         instead of many; the damage measures pool rows, so the result is the same)."""
-        shapes = {tuple((name, array.shape) for name, array in sorted(feed.items())) for feed in feeds}
-        if not self.batch_axis_free or len(shapes) != 1 or len(feeds) < 2:
-            return list(feeds)
-        return [{name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}]
+        return self.lifted.batched(feeds)
 
     def run(self, feeds: Sequence[Feed], weight: tuple[str, np.ndarray, np.ndarray | None] | None = None
             ) -> Outputs:
         """Outputs over the feeds; `weight` = (layer, weight values, bias values or None)
         replaces one layer's float weight (and bias)."""
-        inputs = dict(self.defaults)
+        overrides = {}
         if weight is not None:
             layer, values, bias = weight
-            inputs[self.weight_inputs[layer]] = values.astype(np.float32)
+            overrides[self.weight_inputs[layer]] = values
             if bias is not None and layer in self.bias_inputs:
-                inputs[self.bias_inputs[layer]] = bias.astype(np.float32)
-        return [self.session.run(self.output_names, {**feed, **inputs}) for feed in feeds]
+                overrides[self.bias_inputs[layer]] = bias
+        return self.lifted.run(feeds, overrides)
 
 
 def measure_sensitivity(
@@ -157,14 +100,14 @@ def measure_sensitivity(
     feeds: Sequence[Feed],
     candidates: Mapping[str, Sequence[int]],
     values: Callable[[str, int], tuple[np.ndarray, np.ndarray | None]],
-    measure: str,
+    measure: DamageMeasure | str,
     progress: Callable[[int], None] | None = None,
-    float_session: ort.InferenceSession | None = None,
+    float_session: ort.InferenceSession | Reference | None = None,
 ) -> dict[str, dict[int, float]]:
     """{layer: {bits: damage}}: each layer alone at each of its candidate bit-widths, the rest
     float. `values(layer, bits)` gives the dequantized weight and corrected bias (or None).
-    The reference outputs come from `float_session` (default: `probe` with its defaults, when
-    the probe's base is the float model)."""
+    The reference outputs come from `float_session`, an ORT session or a cached `Reference`
+    (default: `probe` with its defaults, when the probe's base is the float model)."""
     feeds = probe.batched(feeds)
     if float_session is not None:
         reference = [float_session.run(probe.output_names, feed) for feed in feeds]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
+from onnxq.index import ModelIndex
 from onnxq.numerics import IntRange
 from onnxq.passes.insert_qdq import (
     EmitOptions,
@@ -122,15 +123,15 @@ class LayerGeometry:
         return 1 if self.axis is None else self.weight_shape[self.axis]
 
 
-def layer_geometry(model: ir.Model, plan: QuantPlan, spec: WeightQuant) -> LayerGeometry:
+def layer_geometry(index: ModelIndex, plan: QuantPlan, spec: WeightQuant) -> LayerGeometry:
     """The geometry of one planned weight, read from the prepared (float) model."""
-    weight = model.graph.initializers[spec.tensor].const_value
+    initializers = index.model.graph.initializers
+    weight = initializers[spec.tensor].const_value
     bias_elements = 0
     for bias in plan.biases:
         if bias.node == spec.node:
-            bias_elements = math.prod(model.graph.initializers[bias.tensor].const_value.shape)
-    nodes = {node.name: node for node in model.graph}
-    return LayerGeometry(nodes[spec.node].op_type, tuple(weight.shape.numpy()), spec.axis,
+            bias_elements = math.prod(initializers[bias.tensor].const_value.shape)
+    return LayerGeometry(index.node(spec.node).op_type, tuple(weight.shape.numpy()), spec.axis,
                          bias_elements, spec.grid.signed)
 
 
@@ -160,7 +161,8 @@ def predict_layer_bytes(geometry: LayerGeometry, bits: int,
 def predicted_layer_bytes(model: ir.Model, plan: QuantPlan,
                           options: EmitOptions | None = None) -> dict[str, int]:
     """`predict_layer_bytes` for every planned weight at its planned bits."""
-    return {spec.node: predict_layer_bytes(layer_geometry(model, plan, spec), spec.grid.bits,
+    index = ModelIndex(model)
+    return {spec.node: predict_layer_bytes(layer_geometry(index, plan, spec), spec.grid.bits,
                                            options)
             for spec in plan.weights}
 

@@ -20,9 +20,9 @@ from onnxq.calibration.ranges import compute_range
 from onnxq.calibration.statistics import TensorStatistics
 from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.data import Feed
-from onnxq.model_io import create_session
 from onnxq.plan import QuantPlan
 from onnxq.qparams import ActivationParams, activation_params
+from onnxq.scoring.sessions import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def observe(proto: onnx.ModelProto, observers: Mapping[str, Sequence[Observer]],
     names = [name for name, watching in observers.items() if watching]
     if not names:
         return
-    session = create_session(expose_tensors(proto, names), "the calibration model")
+    session = open_session(expose_tensors(proto, names), "the calibration model")
     for feed in feeds:
         for name, array in zip(names, session.run(names, feed), strict=True):
             for observer in observers[name]:

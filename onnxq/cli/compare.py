@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from onnxq.cli.support import reports_errors
+from onnxq.cli.support import OneLineCommand, reports_errors
 from onnxq.report.compare import (
     DEFAULT_MAX_FEEDS,
     LayerDamage,
@@ -36,7 +36,7 @@ from onnxq.scoring.fidelity import FidelityReport
 logger = logging.getLogger(__name__)
 
 
-@click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("compare", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("float_path", metavar="FLOAT", type=click.Path(path_type=Path))
 @click.argument("quantized_path", metavar="QUANTIZED", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), required=True,

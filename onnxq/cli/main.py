@@ -24,7 +24,7 @@ from onnxq import model_io
 from onnxq.api import QuantResult, quantize
 from onnxq.cli.bench import bench
 from onnxq.cli.compare import compare
-from onnxq.cli.support import OneLineCommand, reports_errors
+from onnxq.cli.support import OneLineCommand, OneLineGroup, reports_errors
 from onnxq.config import (
     ActivationType,
     CalibrationMethod,
@@ -39,7 +39,7 @@ from onnxq.report.card import card_paths
 logger = logging.getLogger(__name__)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxq")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does (to stderr).")
 def main(verbose: bool) -> None:

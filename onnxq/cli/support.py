@@ -1,6 +1,7 @@
 """What every `onnxq` subcommand shares: one-line errors and their exit codes.
 
-`OneLineCommand` makes click's own usage errors one line as well.
+`OneLineCommand` and `OneLineGroup` (the `onnxq` group itself: an unknown subcommand, a bad
+group option) make click's own usage errors one line as well.
 `reports_errors` wraps a command body: an `OnnxqError` becomes `onnxq: error: <message>` on
 stderr with the error's exit code (2 bad input, 3 failed verification); any other exception
 is an internal error (exit 1), still one line unless ONNXQ_DEBUG is set.
@@ -26,6 +27,18 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _fail_usage(error: click.UsageError, info_name: str | None) -> None:
+    """Click's usage error as `onnxq: error: <message> (see '<command> --help')`, its exit code (2).
+
+    A bare group or command that shows its help when called without arguments
+    (`NoArgsIsHelpError`, click >= 8.2) is not an error to rewrite: it is re-raised.
+    """
+    if isinstance(error, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        raise error
+    command = error.ctx.command_path if error.ctx else " ".join(filter(None, ("onnxq", info_name)))
+    fail(f"{error.format_message()} (see '{command} --help')", error.exit_code)
+
+
 class OneLineCommand(click.Command):
     """Click's usage errors (a bad option, a missing argument) as one `onnxq: error:` line too."""
 
@@ -34,8 +47,28 @@ class OneLineCommand(click.Command):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as error:
-            command = error.ctx.command_path if error.ctx else f"onnxq {info_name}"
-            fail(f"{error.format_message()} (see '{command} --help')", error.exit_code)
+            _fail_usage(error, info_name)
+
+
+class OneLineGroup(click.Group):
+    """The group's usage errors (a bad group option, an unknown subcommand) as one line too.
+
+    Its subcommands are `OneLineCommand`s and report their own usage errors.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: object) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            _fail_usage(error, info_name)
+
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as error:
+            _fail_usage(error, ctx.info_name)
 
 
 def reports_errors(function: F) -> F:

@@ -48,15 +48,15 @@ from onnxq.data import InputSpec, _read_npz, check_feed, model_input_specs
 from onnxq.errors import CalibrationDataError, ConfigError, ModelError, OnnxqError
 from onnxq.model_io import load_model
 from onnxq.report.kernels import integer_kernel_counts, optimized_op_counts
+from onnxq.scoring import sessions
+from onnxq.scoring.sessions import PROVIDERS, SessionSettings
 
 logger = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 SEQUENCE_DIM = 128
 SPATIAL_DIM = 224
 TOKEN_ID_LIMIT = 100
 _SEQUENCE_NAME = re.compile(r"seq|len|token|time|step", re.IGNORECASE)
-_ORT_SOURCE_LOCATION = re.compile(r"/onnxruntime_src/\S+:\d+ (\S+\([^)]*\) )?")
 
 Feed = dict[str, np.ndarray]
 Shape = tuple[int, ...]
@@ -261,12 +261,12 @@ def _feed_from_file(path: Path, specs: Sequence[InputSpec], axis0: Mapping[str, 
 def benchmark_model(model_path: Path, feed: Mapping[str, np.ndarray], settings: BenchSettings) -> BenchResult:
     """Time `session.run(feed)` on one model; see the module docstring for what is measured."""
     model_path = Path(model_path)
-    _check_provider_available(settings.provider)
+    session_settings = _session_settings(settings)  # a provider this build lacks: ConfigError
     proto = load_model(model_path)
     specs = model_input_specs(proto)
     checked = check_feed(feed, specs, f"feed for {model_path}")
     start = time.perf_counter()
-    session = _open_session(model_path, settings)  # first: a model ORT cannot load is a ModelError
+    session = _open_session(model_path, session_settings)  # first: a model ORT cannot load is a ModelError
     load_seconds = time.perf_counter() - start
     kernels = integer_kernel_counts(optimized_op_counts(proto))
     del proto
@@ -282,31 +282,17 @@ def benchmark_model(model_path: Path, feed: Mapping[str, np.ndarray], settings: 
         threads=settings.threads, integer_kernels=dict(sorted(kernels.items())))
 
 
-def _check_provider_available(provider: str) -> None:
-    name = PROVIDERS[provider]
-    available = ort.get_available_providers()
-    if name not in available:
-        raise OnnxqError(f"provider {provider} ({name}) is not available in this onnxruntime build "
-                         f"(available: {', '.join(available)}); install onnxruntime-gpu for cuda")
+def _session_settings(settings: BenchSettings) -> SessionSettings:
+    """All optimizations, `threads` intra-op threads, one inter-op thread (sequential
+    execution), ORT's log quiet (failures come back as exceptions, reported as one line)."""
+    return SessionSettings(threads=settings.threads, provider=settings.provider,
+                           optimization=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                           inter_op_threads=1, log_severity=4)
 
 
-def _open_session(model_path: Path, settings: BenchSettings) -> ort.InferenceSession:
+def _open_session(model_path: Path, settings: SessionSettings) -> ort.InferenceSession:
     """A session read from the file itself (as deployed: external data resolved by ORT)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = settings.threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4  # failures come back as exceptions, reported as one line
-    provider = PROVIDERS[settings.provider]
-    try:
-        session = ort.InferenceSession(str(model_path), options, providers=[provider])
-    except Exception as error:  # ORT raises its own exception types per failure kind
-        raise ModelError(f"ONNX Runtime cannot load {model_path}: {_one_line(error)}") from None
-    if session.get_providers()[0] != provider:  # ORT falls back to the CPU when CUDA fails to start
-        raise OnnxqError(f"{provider} did not start for {model_path} (ONNX Runtime fell back to "
-                         f"{session.get_providers()[0]}); check the CUDA and cuDNN libraries")
-    return session
+    return sessions.open_session(model_path, str(model_path), settings, describe=sessions.tidy_line)
 
 
 def _timed_runs(session: ort.InferenceSession, feed: Feed, settings: BenchSettings,
@@ -325,14 +311,8 @@ def _timed_runs(session: ort.InferenceSession, feed: Feed, settings: BenchSettin
     except Exception as error:  # ORT raises its own exception types per failure kind
         shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in feed.items())
         raise OnnxqError(f"ONNX Runtime failed to run {model_path} on the feed ({shapes}): "
-                         f"{_one_line(error)}; give other shapes or a data file") from None
+                         f"{sessions.tidy_line(error)}; give other shapes or a data file") from None
     return times
-
-
-def _one_line(error: Exception) -> str:
-    """ORT's message on one line, without the C++ source location and signature it may carry."""
-    text = _ORT_SOURCE_LOCATION.sub("", " ".join(str(error).split()))
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _feed_batch(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> int:

@@ -10,12 +10,33 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from onnxq import model_io
+from onnxq.bits.allocation import AllocationReport
+from onnxq.config import QuantConfig
+from onnxq.plan import QuantPlan
+from onnxq.qparams import QParams
+from onnxq.scoring.fidelity import FidelityReport
 
-if TYPE_CHECKING:
-    from onnxq.api import QuantResult
+
+class QuantResult(Protocol):
+    """What a card is made from (onnxq.result.QuantResult)."""
+
+    plan: QuantPlan
+    qparams: QParams
+    config: QuantConfig
+    fidelity: FidelityReport
+    calibration_feeds: int
+    float_bytes: int
+    quantized_bytes: int
+    searched_layers: frozenset[str]
+    source: str | None
+    allocation: AllocationReport | None
+
+    def layer_bytes(self) -> dict[str, int]: ...
+
+    def summary(self) -> dict[str, object]: ...
 
 
 def card_paths(output: str | Path) -> tuple[Path, Path]:
@@ -40,7 +61,7 @@ def quantization_card(result: QuantResult) -> dict[str, Any]:
             "bits": spec.grid.bits,
             "granularity": "per_tensor" if spec.axis is None else f"per_channel(axis={spec.axis})",
             "symmetric": bool((result.qparams.weights[spec].zero_point == 0).all()),
-            "method": method if spec.node in result.comq_layers else "rtn",
+            "method": method if spec.node in result.searched_layers else "rtn",
             "bits_from": (f"rule {result.plan.bits_rules[spec.node]}" if spec.node in result.plan.bits_rules
                           else "allocation" if chosen is not None else "weight_bits"),
             "sensitivity": ({str(b): d for b, d in chosen.damage.items()} if chosen and chosen.damage

@@ -43,16 +43,16 @@ layers' inputs back in float when the float model is quantized again.
 
 Variants are built by rewiring node inputs in the onnx-ir graph (by object identity), one at a
 time: serialize (without the Q/DQ nodes left reading nothing), one ORT session, run, undo. The
-float outputs are computed once and replayed. Subgraphs (If / Loop bodies) are not analysed.
-A graph that differs from the float one beyond Q/DQ (e.g. ORT's quantizer folds a Relu into a
-quantization range unless QDQKeepRemovableActivations is set) stays different when every
-point is bypassed: damages then count from that baseline, and a warning says so.
+float outputs are computed once and replayed (`onnxq.scoring.scorer.Reference`). Subgraphs
+(If / Loop bodies) are not analysed. A graph that differs from the float one beyond Q/DQ (e.g.
+ORT's quantizer folds a Relu into a quantization range unless QDQKeepRemovableActivations is
+set) stays different when every point is bypassed: damages then count from that baseline, and
+a warning says so.
 """
 
 from __future__ import annotations
 
 import enum
-import fnmatch
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,21 +61,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from onnxq import model_io
 from onnxq.data import Feed, model_input_specs, open_calibration
-from onnxq.errors import ModelError, OnnxqError
+from onnxq.errors import OnnxqError
 from onnxq.passes import prepare
-from onnxq.scoring.fidelity import FidelityReport, measure_fidelity
+from onnxq.patterns import matches
+from onnxq.scoring.fidelity import FidelityReport
+from onnxq.scoring.scorer import Reference, Scorer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_FEEDS = 16
 _QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
-_ORT_RUN_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException,
-                   ort_state.NotImplemented, ort_state.EPFail)
 # The noise-to-signal ratio only breaks ties between layers that flip no top-1 decision.
 _NSR_WEIGHT = 0.01
 # Per layer: called as progress(done, total).
@@ -161,48 +159,9 @@ def _check_same_interface(float_proto: onnx.ModelProto, quant_proto: onnx.ModelP
 # --- measuring -------------------------------------------------------------------------------
 
 
-class _Reference:
-    """The float model's outputs, computed once per feed and replayed to `measure_fidelity` in
-    place of a session (feeds are matched by identity)."""
-
-    def __init__(self, session: ort.InferenceSession, feeds: Sequence[Feed]) -> None:
-        self._outputs = session.get_outputs()
-        names = [o.name for o in self._outputs]
-        self._results = {id(feed): _run(session, names, feed, "the float model") for feed in feeds}
-
-    def get_outputs(self) -> list:
-        return self._outputs
-
-    def run(self, names: list[str], feed: Feed) -> list[np.ndarray]:
-        return self._results[id(feed)]
-
-
-class _CheckedSession:
-    """An ORT session whose run errors (e.g. a feed the model rejects) are one-line errors."""
-
-    def __init__(self, session: ort.InferenceSession, label: str) -> None:
-        self._session = session
-        self._label = label
-
-    def get_outputs(self) -> list:
-        return self._session.get_outputs()
-
-    def run(self, names: list[str], feed: Feed) -> list[np.ndarray]:
-        return _run(self._session, names, feed, self._label)
-
-
-def _run(session: ort.InferenceSession, names: list[str], feed: Feed, label: str) -> list[np.ndarray]:
-    try:
-        return session.run(names, feed)
-    except _ORT_RUN_ERRORS as error:
-        message = " ".join(str(error).split())
-        raise ModelError(f"ONNX Runtime cannot run {label} on the feeds: {message[:300]}") from None
-
-
-def _measure(model: onnx.ModelProto | bytes, label: str, reference: _Reference,
+def _measure(scorer: Scorer, model: onnx.ModelProto | bytes, label: str, reference: Reference,
              feeds: Sequence[Feed]) -> FidelityReport:
-    session = _CheckedSession(model_io.create_session(model, label), label)
-    return measure_fidelity(reference, session, feeds, held_out=False)
+    return scorer.measure_fidelity(model, reference, feeds, held_out=False, label=label)
 
 
 def fidelity_loss(report: FidelityReport) -> float:
@@ -225,8 +184,9 @@ def compare_models(float_path: str | Path, quantized_path: str | Path, data: obj
     or an iterable of feed dicts) are checked against the float model.
     """
     float_proto, quant_proto, feeds = _load_pair(float_path, quantized_path, data, max_feeds)
-    reference = _Reference(model_io.create_session(float_proto, "the float model"), feeds)
-    return _measure(quant_proto, "the quantized model", reference, feeds)
+    scorer = Scorer()
+    reference = scorer.reference(float_proto, feeds)
+    return _measure(scorer, quant_proto, "the quantized model", reference, feeds)
 
 
 # --- finding layers --------------------------------------------------------------------------
@@ -337,8 +297,7 @@ def _restore_constants(layer_points: list[_Point], name: str,
 
 
 def _selected(node: ir.Node, patterns: Sequence[str] | None) -> bool:
-    return patterns is None or any(node.op_type == p or node.name == p
-                                   or fnmatch.fnmatchcase(node.name or "", p) for p in patterns)
+    return patterns is None or any(matches(node, p) for p in patterns)
 
 
 def _find_layers(model: ir.Model, float_nodes: Sequence[dict[str, ir.Node]]) -> list[_Layer]:
@@ -479,16 +438,16 @@ def rank_layers(float_path: str | Path, quantized_path: str | Path, data: object
         progress: called as progress(done, total) after each layer.
     """
     float_proto, quant_proto, feeds = _load_pair(float_path, quantized_path, data, max_feeds)
-    reference = _Reference(model_io.create_session(float_proto, "the float model"), feeds)
+    scorer = Scorer()
+    reference = scorer.reference(float_proto, feeds)
     float_nodes = _prepared_float_nodes(float_proto)
     model = model_io.to_ir(quant_proto)
     del quant_proto
     all_layers = _find_layers(model, float_nodes)
     chosen = _select(all_layers, layers)
-    every_point = [p for layer in all_layers for p in layer.points]
-    quantized = _measure(_serialized_with(model, []), "the quantized model", reference, feeds)
-    floor = _measure(_serialized_with(model, every_point), "the model with every layer restored",
-                     reference, feeds)
+    variants = _Variants(scorer, model, reference, feeds, [p for layer in all_layers for p in layer.points])
+    quantized = variants.measure([], "the quantized model")
+    floor = variants.measure(variants.every_point, "the model with every layer restored")
     logger.info("%d layers; loss quantized %.4g, all restored %.4g", len(all_layers),
                 fidelity_loss(quantized), fidelity_loss(floor))
     if fidelity_loss(floor) > 0.25 * fidelity_loss(quantized):
@@ -498,20 +457,34 @@ def rank_layers(float_path: str | Path, quantized_path: str | Path, data: object
                        fidelity_loss(floor), fidelity_loss(quantized))
     results = []
     for done, layer in enumerate(chosen, 1):
-        results.append(_layer_damage(model, layer, every_point, reference, feeds,
-                                     fidelity_loss(floor), fidelity_loss(quantized)))
+        results.append(_layer_damage(variants, layer, fidelity_loss(floor), fidelity_loss(quantized)))
         if progress is not None:
             progress(done, len(chosen))
     return sorted(results, key=lambda r: (-r.damage, -r.recovery, r.node))
 
 
-def _layer_damage(model: ir.Model, layer: _Layer, every_point: list[_Point], reference: _Reference,
-                  feeds: Sequence[Feed], floor_loss: float, quantized_loss: float) -> LayerDamage:
+@dataclass
+class _Variants:
+    """The quantized graph, every point of it, and what its variants are measured against."""
+
+    scorer: Scorer
+    model: ir.Model
+    reference: Reference
+    feeds: Sequence[Feed]
+    every_point: list[_Point]
+
+    def measure(self, bypassed: Sequence[_Point], label: str) -> FidelityReport:
+        """Fidelity of the model with the `bypassed` points rewired to their float inputs."""
+        return _measure(self.scorer, _serialized_with(self.model, bypassed), label, self.reference,
+                        self.feeds)
+
+
+def _layer_damage(variants: _Variants, layer: _Layer, floor_loss: float,
+                  quantized_loss: float) -> LayerDamage:
     own = {id(p) for p in layer.points}
     label = f"the model with layer {layer.node.name} "
-    only = _measure(_serialized_with(model, [p for p in every_point if id(p) not in own]),
-                    label + "alone quantized", reference, feeds)
-    restored = _measure(_serialized_with(model, layer.points), label + "restored", reference, feeds)
+    only = variants.measure([p for p in variants.every_point if id(p) not in own], label + "alone quantized")
+    restored = variants.measure(layer.points, label + "restored")
     return LayerDamage(
         node=layer.node.name or "", op_type=layer.node.op_type,
         damage=fidelity_loss(only) - floor_loss, recovery=quantized_loss - fidelity_loss(restored),

@@ -2,8 +2,13 @@
 
 Checks, in order: the ONNX checker, an ORT session on the quantized model, and each output
 against the float model's on held-out feeds (mean cosine, SQNR in dB, max abs error, and
-top-1 agreement for outputs that look like class scores). A configured floor on cosine turns
-a poor result into a `VerificationError`: nothing is written.
+top-1 agreement for outputs that look like class scores; onnxq.scoring.damage defines cosine
+and top-1). A configured floor on cosine turns a poor result into a `VerificationError`:
+nothing is written.
+
+The float side is anything with a session's `get_outputs()` and `run(names, feed)`: an ORT
+session, or an `onnxq.scoring.scorer.Reference` that replays float outputs computed once per
+feed (the allocator's repeated `--max-drop` checks then never run the float model again).
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxq import numerics
 from onnxq.data import Feed
 from onnxq.errors import ModelError, VerificationError
-from onnxq.model_io import check_model, create_session
+from onnxq.model_io import check_model
+from onnxq.scoring import damage
+from onnxq.scoring.sessions import open_session
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,8 @@ def _looks_like_scores(array: np.ndarray) -> bool:
 
 def measure_fidelity(float_session: ort.InferenceSession, quant_session: ort.InferenceSession,
                      feeds: Iterable[Feed], held_out: bool = True) -> FidelityReport:
-    """Compare every output of two sessions over the feeds."""
+    """Compare every output of two sessions over the feeds (either may be any object with a
+    session's `get_outputs()` and `run(names, feed)`, e.g. a cached float `Reference`)."""
     names = [o.name for o in float_session.get_outputs()]
     cosines: dict[str, list[float]] = {n: [] for n in names}
     signal = dict.fromkeys(names, 0.0)
@@ -67,11 +74,11 @@ def measure_fidelity(float_session: ort.InferenceSession, quant_session: ort.Inf
             if _looks_like_scores(ref64):
                 rows_ref = ref64.reshape(-1, ref64.shape[-1])
                 rows_got = got64.reshape(-1, got64.shape[-1])
-                cosines[name].extend(numerics.cosine(r, g) for r, g in zip(rows_ref, rows_got,
-                                                                             strict=True))
-                agree[name].extend((rows_ref.argmax(-1) == rows_got.argmax(-1)).tolist())
+                cosines[name].extend(damage.cosine(r, g) for r, g in zip(rows_ref, rows_got,
+                                                                           strict=True))
+                agree[name].extend(damage.top1_matches(rows_ref, rows_got))
             else:
-                cosines[name].append(numerics.cosine(ref64, got64))
+                cosines[name].append(damage.cosine(ref64, got64))
             signal[name] += float(np.sum(ref64**2))
             noise[name] += float(np.sum((ref64 - got64) ** 2))
             max_error[name] = max(max_error[name], float(np.max(np.abs(ref64 - got64), initial=0)))
@@ -90,10 +97,11 @@ def measure_fidelity(float_session: ort.InferenceSession, quant_session: ort.Inf
 
 def verify(quantized: onnx.ModelProto, float_session: ort.InferenceSession, feeds: Iterable[Feed],
            held_out: bool, min_cosine: float | None) -> tuple[ort.InferenceSession, FidelityReport]:
-    """Check the quantized model and measure it; raise VerificationError if it falls short."""
+    """Check the quantized model and measure it; raise VerificationError if it falls short.
+    `float_session`: an ORT session on the float model or its cached `Reference`."""
     try:
         check_model(quantized, "the quantized model")
-        session = create_session(quantized, "the quantized model")
+        session = open_session(quantized, "the quantized model")
     except ModelError as error:
         raise VerificationError(str(error)) from None
     report = measure_fidelity(float_session, session, feeds, held_out)

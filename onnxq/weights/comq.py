@@ -20,7 +20,7 @@ Start: per row, the best of a few shrunk min-max scales with round-to-nearest co
 codes at that scale (rounding in the visiting order with least-squares compensation of each
 rounding error on the coordinates not yet rounded), whichever has the lower error.
 
-H is damped (H + lambda mean(diag H) I, see `ComqSettings.damping`) before all of this. Both
+H is damped (H + lambda mean(diag H) I, see `ComqConfig.damping`) before all of this. Both
 steps never increase the (damped) error. Greedy order: coordinates with larger |w_j| * ||X_j||
 (= |w_j| sqrt(H_jj)) first, as in Zhang et al., "COMQ: A Backpropagation-Free Algorithm for
 Post-Training Quantization".
@@ -29,60 +29,12 @@ Post-Training Quantization".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from onnxq.config import ComqConfig
 from onnxq.numerics import MIN_SCALE, IntRange
-
-
-@dataclass(frozen=True)
-class ComqSettings:
-    """Settings of the COMQ search.
-
-    Attributes:
-        sweeps: passes over all coordinates (each followed by a scale update when enabled).
-        greedy_order: visit coordinates by decreasing |w_j| * ||X_j||; else in index order.
-        update_scales: alternate code sweeps with closed-form scale updates.
-        scale_candidates: initial per-row scales tried (fractions of the min-max scale); the
-            one with the lowest error (after rounding to nearest) starts the search.
-        damping: lambda added to H's diagonal, relative to its mean (H + lambda mean(diag H) I).
-            Beyond numerical safety it is a ridge prior: the calibration inputs leave many
-            directions of a late layer barely seen (EfficientNet-Lite0's classifier sees 60
-            input vectors for 1280 inputs), and noise from upstream quantization adds about
-            sigma^2 I to the H a quantized model's inputs would give. Measured at W4A8
-            (asymmetric Conv rows, GPTQ start), EfficientNet-Lite0 top-1 agreement / logit
-            cosine: 0.42 / 0.83 at 1e-6 (no GPTQ start), 0.55 / 0.91 at 0.1, 0.65 / 0.92 at 0.3,
-            0.55 / 0.90 at 1.0; PP-OCR exact_hard 0.33-0.35 at 0.1-0.3, 0.27 at 1.0.
-        block: coordinates per block of a sweep (speed only; the result does not depend on it).
-        gptq_start: also round each row GPTQ's way (coordinates in the visiting order, each
-            rounding error compensated on the coordinates not yet rounded through the Cholesky
-            factor of H^-1) and start from those codes where they beat round to nearest at the
-            starting scale. Lowers the final error by about a sixth on EfficientNet-Lite0's layers.
-        asymmetric_ops: op types whose rows below 8 bits get an integer zero point (searched with
-            the scale; 8-bit rows stay symmetric for ORT's fast integer kernels);
-            the others stay symmetric. BN-folded Conv weights are skewed (EfficientNet-Lite0
-            W4A8 logit cosine 0.86 -> 0.90); MatMul weights, after SmoothQuant, are not (MiniLM
-            cosine 0.968 symmetric, 0.962 asymmetric), and a symmetric MatMul weight keeps
-            MatMulNBits' implied zero point. Read by onnxq.weights.search_comq; `comq()` itself takes
-            symmetry as an argument.
-    """
-
-    sweeps: int = 3
-    greedy_order: bool = True
-    update_scales: bool = True
-    scale_candidates: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
-    damping: float = 0.3
-    block: int = 128
-    gptq_start: bool = True
-    asymmetric_ops: tuple[str, ...] = ("Conv", "Gemm")
-
-    def __post_init__(self) -> None:
-        if self.sweeps < 0:
-            raise ValueError(f"sweeps must be >= 0, got {self.sweeps}")
-        if not self.scale_candidates or any(not 0 < c <= 1.5 for c in self.scale_candidates):
-            raise ValueError("scale_candidates must be fractions in (0, 1.5]")
-        if self.damping < 0:
-            raise ValueError(f"damping must be >= 0, got {self.damping}")
 
 
 @dataclass(frozen=True)
@@ -152,12 +104,13 @@ def _zero_for(weight: np.ndarray, scale: np.ndarray, grid: IntRange) -> np.ndarr
 
 
 def comq(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetric: bool,
-         settings: ComqSettings = ComqSettings()) -> ComqResult:
+         settings: ComqConfig | None = None) -> ComqResult:
     """Quantize weight rows to minimize sum_r (w_r - q_r)^T H (w_r - q_r).
 
     weight (rows, d_in) with hessian (d_in, d_in); or a batch of independent problems,
     weight (groups, rows, d_in) with hessian (groups, d_in, d_in), searched together.
     """
+    settings = settings or ComqConfig()
     batched = np.ndim(weight) == 3
     weight = np.asarray(weight, np.float64).reshape(-1, *np.shape(weight)[-2:])
     hessian = np.asarray(hessian, np.float64).reshape(-1, *np.shape(hessian)[-2:])
@@ -182,7 +135,8 @@ def comq(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetric: boo
         quantized = np.where(better, feedback_q, quantized)
     errors = [float(reconstruction_error(weight_p, quantized, hessian_p).sum())]
     for _ in range(settings.sweeps):
-        _code_sweep(weight_p, hessian_p, diagonal, quantized, codes, scale, zero, grid, settings.block)
+        _code_sweep(_Problem(weight_p, hessian_p, diagonal), quantized, codes, scale, zero, grid,
+                    settings.block)
         errors.append(float(reconstruction_error(weight_p, quantized, hessian_p).sum()))
         if settings.update_scales:
             scale, zero = scale_step(weight_p, hessian_p, codes, scale, zero, grid, symmetric)
@@ -208,12 +162,20 @@ def _coordinate_order(weight: np.ndarray, hessian: np.ndarray, greedy: bool) -> 
     return np.argsort(-importance, axis=-1, kind="stable")
 
 
-def _code_sweep(weight: np.ndarray, hessian: np.ndarray, diagonal: np.ndarray, quantized: np.ndarray,
-                codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: IntRange,
-                block: int) -> None:
+class _Problem(NamedTuple):
+    """The rows to quantize and their (damped, permuted) H with its diagonal."""
+
+    weight: np.ndarray
+    hessian: np.ndarray
+    diagonal: np.ndarray
+
+
+def _code_sweep(problem: _Problem, quantized: np.ndarray, codes: np.ndarray, scale: np.ndarray,
+                zero: np.ndarray, grid: IntRange, block: int) -> None:
     """One pass over all coordinates, in place, for every group at once. Within a block of
     coordinates the gradient is updated column by column; the rest of it once per block, by one
     matrix product (the result is the same as updating everything at every step)."""
+    weight, hessian, diagonal = problem
     gradient = (weight - quantized) @ hessian
     d_in = weight.shape[-1]
     for start in range(0, d_in, block):

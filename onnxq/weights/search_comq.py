@@ -3,31 +3,68 @@
 Takes the Gram matrices of the layers' inputs (onnxq.weights.gram) and runs the numeric core
 (onnxq.weights.comq) per layer and per Conv group. Layers COMQ cannot take (a MatMul weight of rank
 > 2) keep their round-to-nearest parameters. The codes, scales and zero points returned (zero
-points non-zero for the op types in `ComqSettings.asymmetric_ops`) are emitted as they are.
+points non-zero for the op types in `ComqConfig.asymmetric_ops`) are emitted as they are.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.config import ComqConfig, RtnConfig
+from onnxq.index import ModelIndex
 from onnxq.plan import WeightQuant
 from onnxq.qparams import WeightParams
-from onnxq.weights.comq import ComqSettings, comq
+from onnxq.weights.comq import comq
 from onnxq.weights.gram import GramAccumulator, weight_from_rows, weight_rows
+from onnxq.weights.registry import Observers, register
+from onnxq.weights.rtn import RoundToNearest
 
 logger = logging.getLogger(__name__)
 
 
-def comq_layers(model: ir.Model, specs: list[WeightQuant]) -> dict[WeightQuant, ir.Node]:
+@register(ComqConfig)
+class ComqSearcher:
+    """COMQ for the layers it can take (with a Gram matrix that saw data), round to nearest for
+    the others; results cached per (layer, bits)."""
+
+    def __init__(self, config: ComqConfig, index: ModelIndex, specs: Sequence[WeightQuant]) -> None:
+        self.config = config
+        self.targets = comq_layers(index, specs)
+        self.searched_layers = frozenset(spec.node for spec in self.targets)
+        self._grams = {spec.node: gram for spec, gram in gram_observers(self.targets).items()}
+        self._nodes = {spec.node: node for spec, node in self.targets.items()}
+        self._fallback = RoundToNearest(RtnConfig(), index, specs)
+        self._cache: dict[WeightQuant, WeightParams] = {}
+
+    def observers(self) -> Observers:
+        return input_observers(self._grams, self._nodes)
+
+    def params(self, spec: WeightQuant) -> WeightParams:
+        if spec not in self._cache:
+            gram = self._grams.get(spec.node)
+            found = {} if gram is None else comq_weight_params({spec: self._nodes[spec.node]},
+                                                                {spec: gram}, self.config)
+            self._cache[spec] = found.get(spec) or self._fallback.params(spec)
+        return self._cache[spec]
+
+
+def input_observers(grams: Mapping[str, GramAccumulator], nodes: Mapping[str, ir.Node]) -> Observers:
+    """{input tensor of each layer: [its Gram accumulator]} for layers keyed by node name."""
+    observers: dict[str, list[GramAccumulator]] = {}
+    for layer, gram in grams.items():
+        observers.setdefault(nodes[layer].inputs[0].name, []).append(gram)
+    return observers
+
+
+def comq_layers(index: ModelIndex, specs: Sequence[WeightQuant]) -> dict[WeightQuant, ir.Node]:
     """The weights COMQ can search: Conv, Gemm, and MatMul with a 2-D constant weight."""
-    nodes = {node.name: node for node in model.graph}
     layers = {}
     for spec in specs:
-        node = nodes[spec.node]
+        node = index.node(spec.node)
         weight = node.inputs[spec.input_index].const_value
         if node.op_type in ("Conv", "Gemm") or (node.op_type == "MatMul" and len(weight.shape) == 2):
             layers[spec] = node
@@ -41,7 +78,7 @@ def gram_observers(layers: Mapping[WeightQuant, ir.Node]) -> dict[WeightQuant, G
 
 def comq_weight_params(layers: Mapping[WeightQuant, ir.Node],
                        grams: Mapping[WeightQuant, GramAccumulator],
-                       settings: ComqSettings) -> dict[WeightQuant, WeightParams]:
+                       settings: ComqConfig) -> dict[WeightQuant, WeightParams]:
     """COMQ parameters for every layer whose Gram matrix saw data."""
     params = {}
     for spec, node in layers.items():

@@ -1,0 +1,112 @@
+"""The state of one quantization run, and the `Stage` protocol its stages follow.
+
+    load -> prepare -> [every stage's observers, one calibration pass through ORT]
+         -> ranges -> allocate? -> weights -> bias -> comq inputs? -> emit -> verify
+
+`QuantState` is the one object the stages share: the prepared model and its node index, the
+plan, the parameters chosen so far, the calibration and held-out feeds, the Scorer (the one
+owner of ORT sessions), reports and timings. A stage reads what earlier stages left and adds
+its own part; no stage calls another.
+
+A `Stage` has a name, `observe(state)`: called once before the calibration pass, it sets up
+what the stage needs from calibration and returns the tensors it watches with their observers
+(statistics, channel means, Gram matrices); and `run(state)`. `run_stages` merges every
+stage's observers into the single calibration pass, then runs the stages in order, timing
+each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import onnx
+import onnx_ir as ir
+
+from onnxq import model_io
+from onnxq.calibration import calibrate
+from onnxq.config import QuantConfig
+from onnxq.data import CalibrationSet
+from onnxq.index import ModelIndex
+from onnxq.plan import QuantPlan
+from onnxq.qparams import QParams
+from onnxq.scoring.scorer import Scorer
+
+# Called as progress(stage, advance, total).
+ProgressCallback = Callable[[str, int, int], None]
+Observers = Mapping[str, Sequence[calibrate.Observer]]
+
+
+@dataclass
+class QuantState:
+    """Everything one run knows; filled in by the stages in data-flow order."""
+
+    config: QuantConfig
+    float_model: onnx.ModelProto
+    source: str | None
+    scorer: Scorer
+    float_session: object  # the float model in ORT (the reference every fidelity is measured on)
+    calibration: CalibrationSet
+    held_out: CalibrationSet
+    progress: ProgressCallback | None = None
+    model: ir.Model | None = None  # the prepared float model
+    index: ModelIndex | None = None
+    plan: QuantPlan | None = None
+    qparams: QParams = field(default_factory=QParams)
+    # Set up by stages before calibration, used by later ones: the weight searcher
+    # (onnxq.weights.registry.WeightSearcher) and the bias corrector (onnxq.stages.bias).
+    weights: object | None = None
+    biases: object | None = None
+    quantized: onnx.ModelProto | None = None
+    reports: dict[str, object] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def float_bytes(self) -> int:
+        return self.float_model.ByteSize()
+
+    @property
+    def fidelity_feeds(self) -> CalibrationSet:
+        """Held-out feeds, or the calibration feeds when none are held out."""
+        return self.held_out if len(self.held_out) else self.calibration
+
+    def stage_progress(self, stage: str, total: int) -> Callable[[int], None] | None:
+        """A progress callback for `total` steps of `stage` (None without a display)."""
+        if self.progress is None:
+            return None
+        progress = self.progress
+        progress(stage, 0, total)
+        return lambda advance: progress(stage, advance, total)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Stage(Protocol):
+    name: str
+
+    def observe(self, state: QuantState) -> Observers: ...
+
+    def run(self, state: QuantState) -> None: ...
+
+
+def run_stages(state: QuantState, stages: Sequence[Stage]) -> None:
+    """One calibration pass for every stage's observers, then each stage in order."""
+    observers: dict[str, list[calibrate.Observer]] = {}
+    for stage in stages:
+        for tensor, watching in stage.observe(state).items():
+            observers.setdefault(tensor, []).extend(watching)
+    with state.timed("calibrate"):
+        calibrate.observe(model_io.to_proto(state.model), observers, state.calibration,
+                          state.stage_progress("calibrate", len(state.calibration)))
+    for stage in stages:
+        with state.timed(stage.name):
+            stage.run(state)
