@@ -4,7 +4,7 @@ in memory. It holds no algorithm: it builds the run's state, runs the stages in 
 
     load -> prepare (passes, SmoothQuant, plan) -> one calibration pass for every stage
       -> ranges -> allocate (when a budget is set) -> weights -> bias -> comq inputs (when asked)
-      -> emit -> verify -> QuantResult
+      -> evolq (scale search, when asked) -> emit -> verify -> QuantResult
 
 Nothing is written until `QuantResult.save`, which writes atomically and never over the input.
 """
@@ -22,6 +22,7 @@ from onnxq.result import QuantResult
 from onnxq.stages.allocate import Allocation
 from onnxq.stages.bias import BiasCorrection
 from onnxq.stages.emit_verify import Emit, Verify
+from onnxq.stages.evolq import EvolqSearch
 from onnxq.stages.prepare import load_state, prepare_state
 from onnxq.stages.ranges import ActivationRanges
 from onnxq.stages.weights import SequentialComq, WeightSearch
@@ -56,11 +57,13 @@ def quantize(
         fidelity=state.reports["fidelity"], calibration_feeds=len(state.calibration),
         float_bytes=state.float_bytes, quantized_bytes=state.quantized.ByteSize(),
         searched_layers=state.weights.searched_layers, seconds=state.seconds, source=state.source,
-        allocation=state.reports.get("allocation"))
+        allocation=state.reports.get("allocation"), search=state.reports.get("search"))
 
 
 def stages_for(state: QuantState) -> list[Stage]:
     """The stages this run's config asks for, in the order they run."""
-    optional = {Allocation: Allocation.wanted(state), SequentialComq: SequentialComq.wanted(state)}
-    order = [ActivationRanges, Allocation, WeightSearch, BiasCorrection, SequentialComq, Emit, Verify]
+    optional = {Allocation: Allocation.wanted(state), SequentialComq: SequentialComq.wanted(state),
+                EvolqSearch: EvolqSearch.wanted(state)}
+    order = [ActivationRanges, Allocation, WeightSearch, BiasCorrection, SequentialComq, EvolqSearch,
+             Emit, Verify]
     return [stage() for stage in order if optional.get(stage, True)]

@@ -40,6 +40,31 @@ class WeightMethod(enum.Enum):
     COMQ = "comq"
 
 
+class ScaleSearch(enum.Enum):
+    """Search of activation scales after they are set from statistics: none, or Evol-Q's
+    evolutionary search scored through ORT block by block (onnxq.stages.evolq)."""
+
+    NONE = "none"
+    EVOLQ = "evolq"
+
+
+class LossScope(enum.Enum):
+    """Where a scale candidate's loss is measured: on the model outputs (the candidate's block
+    and everything after it run) or on its block's output alone."""
+
+    GLOBAL = "global"
+    LOCAL = "local"
+
+
+class Strategy(enum.Enum):
+    """How candidates are proposed: evolution (tournament selection, crossover, mutation with a
+    shrinking step, elitism) or random sampling with the same number of evaluations (the
+    baseline that shows whether selection helps)."""
+
+    EVOLUTION = "evolution"
+    RANDOM = "random"
+
+
 class DamageMeasure(enum.Enum):
     """How the damage of a quantized model's outputs against float's is measured
     (onnxq.scoring.damage defines each)."""
@@ -158,6 +183,63 @@ class ComqConfig:
 
 
 @dataclass(frozen=True)
+class EvolqConfig:
+    """Settings of the Evol-Q scale search (the `[evolq]` table of a TOML config).
+
+    Attributes:
+        budget: candidate evaluations over the whole search (all blocks and passes); each is
+            one ORT run of a block and what follows it (global) or of the block (local) on the
+            search feeds.
+        passes: sweeps over the blocks, first to last.
+        population: candidates per generation.
+        elite: best candidates kept unchanged into the next generation.
+        tournament: candidates drawn per tournament (selection of each parent).
+        sigma: initial mutation step in log-scale (0.05: scales move by about 5%).
+        final_sigma: the step shrinks geometrically to this over a block's generations.
+        loss: infonce (contrastive across the batch, as in Evol-Q), mse or kl on the outputs.
+        scope: global (model outputs) or local (the block's output).
+        strategy: evolution, or random search with the same evaluations (ablation).
+        search_feeds: calibration feeds the candidates are scored on.
+        selection_feeds: other calibration feeds a block's best candidate must also improve
+            on to be kept (selection and early stopping never see evaluation data).
+        min_block_groups: activation groups per block at least (blocks are merged up to it).
+        max_blocks: blocks at most (merged down to it).
+    """
+
+    budget: int = 400
+    passes: int = 1
+    population: int = 8
+    elite: int = 2
+    tournament: int = 3
+    sigma: float = 0.05
+    final_sigma: float = 0.005
+    loss: DamageMeasure = DamageMeasure.INFONCE
+    scope: LossScope = LossScope.GLOBAL
+    strategy: Strategy = Strategy.EVOLUTION
+    search_feeds: int = 32
+    selection_feeds: int = 16
+    min_block_groups: int = 2
+    max_blocks: int = 12
+
+    def __post_init__(self) -> None:
+        for name, enum_type in (("loss", DamageMeasure), ("scope", LossScope), ("strategy", Strategy)):
+            object.__setattr__(self, name, _enum_value(f"evolq {name}", enum_type, getattr(self, name)))
+        for name in ("budget", "passes", "population", "tournament", "search_feeds", "min_block_groups",
+                     "max_blocks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"evolq {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.elite < self.population:
+            raise ConfigError(f"evolq elite must be in [0, population), got {self.elite}")
+        if self.selection_feeds < 0:
+            raise ConfigError(f"evolq selection_feeds must be >= 0, got {self.selection_feeds}")
+        if not 0 < self.final_sigma <= self.sigma <= 1:
+            raise ConfigError(f"evolq needs 0 < final_sigma <= sigma <= 1, got {self.final_sigma}, "
+                              f"{self.sigma}")
+        if self.budget < self.population:
+            raise ConfigError(f"evolq budget ({self.budget}) must cover one population ({self.population})")
+
+
+@dataclass(frozen=True)
 class RtnConfig:
     """Round to nearest (onnxq.weights.rtn) has no settings."""
 
@@ -254,6 +336,14 @@ class QuantConfig:
         seed: seed of every random choice (which feeds are held out).
         min_cosine: fail verification (nothing written) when an output's cosine to float on
             held-out feeds falls below this. None: report only.
+        search: search activation scales after calibration: "none" or "evolq" (Evol-Q,
+            settings in `evolq`).
+        evolq: settings of the Evol-Q search (`[evolq]` table in TOML).
+        workers: processes that score search candidates in parallel (1: in this process).
+        executor: where the workers run: "local" (processes on this machine) or "ray" (a Ray
+            cluster at $RAY_ADDRESS, else a local Ray instance; needs `onnxq[ray]`).
+        provider: ONNX Runtime execution provider for calibration and scoring: "cpu" or "cuda"
+            (onnxruntime-gpu).
     """
 
     method: CalibrationMethod = CalibrationMethod.MSE
@@ -287,10 +377,16 @@ class QuantConfig:
     max_feeds: int | None = None
     seed: int = 0
     min_cosine: float | None = None
+    search: ScaleSearch = ScaleSearch.NONE
+    evolq: EvolqConfig = field(default_factory=EvolqConfig)
+    workers: int = 1
+    executor: str = "local"
+    provider: str = "cpu"
 
     def __post_init__(self) -> None:
         for name, enum_type in _ENUM_FIELDS.items():  # plain values (as TOML gives them) too
             object.__setattr__(self, name, _enum_value(name, enum_type, getattr(self, name)))
+        self._check_search_options()
         if not isinstance(self.comq, ComqConfig):
             raise ConfigError(f"comq must be a ComqConfig, got {self.comq!r}")
         if not isinstance(self.method, CalibrationMethod):
@@ -344,6 +440,16 @@ class QuantConfig:
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"nbits_accuracy_level must be 0 to 4, got {self.nbits_accuracy_level}")
 
+    def _check_search_options(self) -> None:
+        if not isinstance(self.evolq, EvolqConfig):
+            raise ConfigError(f"evolq must be an EvolqConfig, got {self.evolq!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers must be an integer >= 1, got {self.workers!r}")
+        if self.executor not in ("local", "ray"):
+            raise ConfigError(f"executor must be local or ray, got {self.executor!r}")
+        if self.provider not in ("cpu", "cuda"):
+            raise ConfigError(f"provider must be cpu or cuda, got {self.provider!r}")
+
     @property
     def layer_rules(self) -> tuple[LayerRule, ...]:
         """`layer_bits` parsed, in order (the last matching rule wins)."""
@@ -384,8 +490,9 @@ class QuantConfig:
 
 _ENUM_FIELDS: dict[str, type[enum.Enum]] = {
     "method": CalibrationMethod, "activation_type": ActivationType, "weight_method": WeightMethod,
-    "sensitivity": DamageMeasure, "sensitivity_base": SensitivityBase, "allocator": Allocator}
-_TABLE_FIELDS: dict[str, type] = {"comq": ComqConfig}
+    "sensitivity": DamageMeasure, "sensitivity_base": SensitivityBase, "allocator": Allocator,
+    "search": ScaleSearch}
+_TABLE_FIELDS: dict[str, type] = {"comq": ComqConfig, "evolq": EvolqConfig}
 
 
 def _enum_value(key: str, enum_type: type[enum.Enum], value: object) -> enum.Enum:
@@ -447,7 +554,7 @@ def config_to_dict(config: QuantConfig) -> dict[str, object]:
         if value is None:
             continue
         if f.name in _TABLE_FIELDS:
-            value = {k: list(v) if isinstance(v, tuple) else v
+            value = {k: list(v) if isinstance(v, tuple) else v.value if isinstance(v, enum.Enum) else v
                      for k, v in dataclasses.asdict(value).items()}
         elif isinstance(value, enum.Enum):
             value = value.value

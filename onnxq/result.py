@@ -21,6 +21,7 @@ from onnxq.plan import QuantPlan
 from onnxq.qparams import QParams
 from onnxq.report.card import card_paths, write_card
 from onnxq.scoring.fidelity import FidelityReport
+from onnxq.stages.evolq import SearchReport
 
 
 @dataclass
@@ -43,6 +44,7 @@ class QuantResult:
     seconds: dict[str, float] = field(default_factory=dict)
     source: str | None = None
     allocation: AllocationReport | None = None
+    search: SearchReport | None = None
 
     def save(self, path: str | Path, card: bool = True) -> Path:
         """Write the model atomically, and its quantization card beside it (OUT.card.json and
@@ -83,4 +85,8 @@ class QuantResult:
             "allocation": None if self.allocation is None else {
                 "budget": self.allocation.budget, "limit": self.allocation.limit,
                 "used": self.allocation.used, "average_bits": self.allocation.average_bits},
+            "search": None if self.search is None else {
+                "method": "evolq", "loss": self.search.loss, "scope": self.search.scope,
+                "evaluations": self.search.evaluations, "blocks": len(self.search.blocks),
+                "blocks_kept": sum(b.kept for b in self.search.blocks)},
         }

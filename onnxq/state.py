@@ -106,7 +106,7 @@ def run_stages(state: QuantState, stages: Sequence[Stage]) -> None:
             observers.setdefault(tensor, []).extend(watching)
     with state.timed("calibrate"):
         calibrate.observe(model_io.to_proto(state.model), observers, state.calibration,
-                          state.stage_progress("calibrate", len(state.calibration)))
+                          state.stage_progress("calibrate", len(state.calibration)), state.scorer.settings)
     for stage in stages:
         with state.timed(stage.name):
             stage.run(state)

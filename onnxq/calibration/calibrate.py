@@ -22,7 +22,7 @@ from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.data import Feed
 from onnxq.plan import QuantPlan
 from onnxq.qparams import ActivationParams, activation_params
-from onnxq.scoring.sessions import open_session
+from onnxq.scoring.sessions import SessionSettings, open_session
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +48,13 @@ class Observer(Protocol):
 
 
 def observe(proto: onnx.ModelProto, observers: Mapping[str, Sequence[Observer]],
-            feeds: Iterable[Feed], progress: Progress | None = None) -> None:
+            feeds: Iterable[Feed], progress: Progress | None = None,
+            settings: SessionSettings | None = None) -> None:
     """Run the float model once per feed and hand each watched tensor to its observers."""
     names = [name for name, watching in observers.items() if watching]
     if not names:
         return
-    session = open_session(expose_tensors(proto, names), "the calibration model")
+    session = open_session(expose_tensors(proto, names), "the calibration model", settings)
     for feed in feeds:
         for name, array in zip(names, session.run(names, feed), strict=True):
             for observer in observers[name]:

@@ -10,6 +10,7 @@ TOML file, which overrides the defaults.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -28,8 +29,10 @@ from onnxq.cli.support import OneLineCommand, OneLineGroup, reports_errors
 from onnxq.config import (
     ActivationType,
     CalibrationMethod,
+    DamageMeasure,
     PerTensor,
     QuantConfig,
+    ScaleSearch,
     WeightMethod,
     load_config,
 )
@@ -141,6 +144,20 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="Fail (exit 3, nothing written) if an output's cosine to float on held-out "
                    "feeds is below this.")
 @click.option("--seed", type=int, default=None, help="Seed of every random choice [default: 0].")
+@click.option("--search", type=click.Choice([s.value for s in ScaleSearch]), default=None,
+              help="Search activation scales after calibration: evolq (evolutionary, scored "
+                   "through ONNX Runtime block by block) [default: none].")
+@click.option("--search-budget", type=click.IntRange(min=1), default=None,
+              help="Candidate evaluations of the whole scale search [default: 400].")
+@click.option("--search-loss", type=click.Choice([m.value for m in DamageMeasure]), default=None,
+              help="Loss of the scale search on the model outputs [default: infonce].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes that score search candidates [default: 1, this process].")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="Where the workers run: local processes, or Ray ($RAY_ADDRESS or a local "
+                   "instance; needs onnxq[ray]) [default: local].")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="ONNX Runtime execution provider for calibration and scoring [default: cpu].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress display and no summary.")
 @reports_errors
@@ -153,7 +170,9 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
                      no_smooth: bool | None, no_bias_correction: bool | None,
                      config_file: Path | None, holdout: int | None, max_feeds: int | None,
-                     min_cosine: float | None, seed: int | None, as_json: bool, quiet: bool) -> None:
+                     min_cosine: float | None, seed: int | None, search: str | None,
+                     search_budget: int | None, search_loss: str | None, workers: int | None,
+                     executor: str | None, provider: str | None, as_json: bool, quiet: bool) -> None:
     """Quantize the float ONNX model IN to an int8 QDQ model written to OUT.
 
     Weights of Conv, ConvTranspose, Gemm and MatMul become int8 (per channel, symmetric);
@@ -177,7 +196,12 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
         quantize_activation_matmul=False if no_activation_matmul else None,
         smooth=False if no_smooth else None,
         bias_correction=False if no_bias_correction else None,
-        holdout=holdout, max_feeds=max_feeds, min_cosine=min_cosine, seed=seed)
+        holdout=holdout, max_feeds=max_feeds, min_cosine=min_cosine, seed=seed, search=search,
+        workers=workers, executor=executor, provider=provider)
+    evolq = {key: value for key, value in (("budget", search_budget), ("loss", search_loss))
+             if value is not None}
+    if evolq:
+        config = config.replace(evolq=dataclasses.replace(config.evolq, **evolq))
     result = _run_with_progress(input_path, calib, config, show=not quiet and not as_json)
     result.save(output_path)
     summary = result.summary() | {"input": str(input_path), "output": str(output_path)}
@@ -215,6 +239,11 @@ def _print_summary(summary: dict) -> None:
         allocation = summary["allocation"]
         console.print(f"  allocation under {allocation['budget']}: used {allocation['used']:.6g} "
                       f"of {allocation['limit']:.6g}; mean weight bits {allocation['average_bits']:.2f}")
+    if summary["search"]:
+        search = summary["search"]
+        console.print(f"  scale search (evolq, {search['loss']} loss, {search['scope']}): "
+                      f"{search['evaluations']} evaluations, {search['blocks_kept']} of "
+                      f"{search['blocks']} blocks changed")
     console.print(f"  size: {summary['float_bytes'] / 1e6:.2f} MB -> "
                   f"{summary['quantized_bytes'] / 1e6:.2f} MB ({summary['size_ratio']:.3f}x)")
     fidelity = summary["fidelity"]

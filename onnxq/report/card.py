@@ -33,6 +33,7 @@ class QuantResult(Protocol):
     searched_layers: frozenset[str]
     source: str | None
     allocation: AllocationReport | None
+    search: object | None  # onnxq.stages.evolq.SearchReport
 
     def layer_bytes(self) -> dict[str, int]: ...
 
@@ -80,6 +81,16 @@ def quantization_card(result: QuantResult) -> dict[str, Any]:
                  "ratio": result.quantized_bytes / result.float_bytes if result.float_bytes else None},
         "fidelity": result.summary()["fidelity"],
     }
+    if result.search is not None:
+        search = result.search
+        card["search"] = {
+            "method": "evolq", "loss": search.loss, "scope": search.scope, "strategy": search.strategy,
+            "seed": search.seed, "search_feeds": search.search_feeds,
+            "selection_feeds": search.selection_feeds, "evaluations": search.evaluations,
+            "blocks": [{"groups": len(b.groups), "input": b.input, "evaluations": b.evaluations,
+                        "loss_before": b.loss_before, "loss_after": b.loss_after,
+                        "selection_before": b.selection_before, "selection_after": b.selection_after,
+                        "kept": b.kept} for b in search.blocks]}
     if result.allocation is not None:
         report = result.allocation
         card["allocation"] = {"budget": report.budget, "limit": report.limit, "used": report.used,
@@ -105,6 +116,14 @@ def card_markdown(card: dict[str, Any]) -> str:
                      f"{allocation['feeds']} feeds) under {allocation['budget']}: used "
                      f"{allocation['used']:.6g} of {allocation['limit']:.6g}; mean weight bits "
                      f"{allocation['average_bits']:.2f}")
+    if "search" in card:
+        search = card["search"]
+        kept = sum(block["kept"] for block in search["blocks"])
+        lines.append(f"- activation scales searched by Evol-Q ({search['strategy']}, {search['loss']} loss, "
+                     f"{search['scope']}; seed {search['seed']}): {search['evaluations']} evaluations on "
+                     f"{search['search_feeds']} calibration feeds, {kept} of {len(search['blocks'])} "
+                     f"blocks changed (each kept only if it also improved {search['selection_feeds']} "
+                     f"other calibration feeds)")
     lines += ["", "## Fidelity", "", "| output | cosine | min cosine | SQNR dB | top-1 agree |",
               "|---|---|---|---|---|"]
     for output in card["fidelity"]["outputs"]:

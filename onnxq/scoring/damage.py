@@ -68,11 +68,17 @@ def _contrastive_loss(anchors: np.ndarray, targets: np.ndarray) -> float:
     return float(-np.mean(np.diagonal(log_softmax)))
 
 
-def _infonce(reference: np.ndarray, quantized: np.ndarray) -> float:
+def _infonce_excess(reference: np.ndarray, quantized: np.ndarray) -> float:
+    """The contrastive loss of quantized rows against float rows, minus float's against itself
+    (negative when the quantized rows happen to separate better)."""
     if len(reference) > INFONCE_MAX_ROWS:
         keep = np.linspace(0, len(reference) - 1, INFONCE_MAX_ROWS).astype(int)
         reference, quantized = reference[keep], quantized[keep]
-    return max(_contrastive_loss(quantized, reference) - _contrastive_loss(reference, reference), 0.0)
+    return _contrastive_loss(quantized, reference) - _contrastive_loss(reference, reference)
+
+
+def _infonce(reference: np.ndarray, quantized: np.ndarray) -> float:
+    return max(_infonce_excess(reference, quantized), 0.0)
 
 
 DAMAGE_MEASURES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
@@ -92,6 +98,15 @@ def damage_function(measure: DamageMeasure | str) -> Callable[[np.ndarray, np.nd
 def output_damage(measure: DamageMeasure | str, reference: Outputs, quantized: Outputs) -> float:
     """The damage of `quantized` outputs against `reference`, averaged over the outputs."""
     function = damage_function(measure)
+    count = len(reference[0])
+    return float(np.mean([function(_rows(reference, i), _rows(quantized, i)) for i in range(count)]))
+
+
+def search_loss(measure: DamageMeasure | str, reference: Outputs, quantized: Outputs) -> float:
+    """The objective of a scale search: `output_damage`, but infoNCE is not clipped at 0, so
+    that candidates still rank when they are all as separable as float (Evol-Q's loss)."""
+    name = measure.value if isinstance(measure, enum.Enum) else measure
+    function = _infonce_excess if name == DamageMeasure.INFONCE.value else damage_function(name)
     count = len(reference[0])
     return float(np.mean([function(_rows(reference, i), _rows(quantized, i)) for i in range(count)]))
 

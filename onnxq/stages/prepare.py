@@ -24,6 +24,7 @@ from onnxq.passes import INT4_MIN_OPSET, QDQ_MIN_OPSET, prepare
 from onnxq.passes.annotate import annotate, excluded_nodes
 from onnxq.passes.smooth import SmoothMatMulInputsPass, smoothing_candidates
 from onnxq.scoring.scorer import Scorer
+from onnxq.scoring.sessions import SessionSettings
 from onnxq.state import ProgressCallback, QuantState
 
 ModelSource = str | Path | onnx.ModelProto | ir.Model
@@ -33,7 +34,7 @@ def load_state(model: ModelSource, calib: object, config: QuantConfig,
                progress: ProgressCallback | None = None) -> QuantState:
     """The run's starting state: the checked float model (opened once in ORT) and its feeds."""
     proto, source = _as_proto(model)
-    scorer = Scorer()
+    scorer = Scorer(SessionSettings(provider=config.provider))
     float_session = scorer.reference(proto)
     feeds = open_calibration(calib, proto)
     if config.max_feeds is not None and len(feeds) > config.max_feeds:

@@ -35,17 +35,17 @@ class ComqSearcher:
         self.config = config
         self.targets = comq_layers(index, specs)
         self.searched_layers = frozenset(spec.node for spec in self.targets)
-        self._grams = {spec.node: gram for spec, gram in gram_observers(self.targets).items()}
+        self.grams = {spec.node: gram for spec, gram in gram_observers(self.targets).items()}
         self._nodes = {spec.node: node for spec, node in self.targets.items()}
         self._fallback = RoundToNearest(RtnConfig(), index, specs)
         self._cache: dict[WeightQuant, WeightParams] = {}
 
     def observers(self) -> Observers:
-        return input_observers(self._grams, self._nodes)
+        return input_observers(self.grams, self._nodes)
 
     def params(self, spec: WeightQuant) -> WeightParams:
         if spec not in self._cache:
-            gram = self._grams.get(spec.node)
+            gram = self.grams.get(spec.node)
             found = {} if gram is None else comq_weight_params({spec: self._nodes[spec.node]},
                                                                 {spec: gram}, self.config)
             self._cache[spec] = found.get(spec) or self._fallback.params(spec)

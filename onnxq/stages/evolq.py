@@ -1,0 +1,203 @@
+"""Evol-Q as a stage: activation scales searched block by block, every candidate scored through
+ONNX Runtime against the float model on calibration feeds (onnxq.search).
+
+    emit (current qparams) -> lift every activation scale to a graph input (one session)
+    blocks between cuts of the graph (onnxq.search.blocks)
+    per pass, per block, first to last:
+        cache the block's input from the model quantized so far (earlier blocks' scales in)
+        evolve log-multipliers of the block's scales, each candidate run from the cached input
+          through the rest of the model (global loss) or to the next cut (local loss)
+        keep the best only if it also lowers the loss on the selection feeds (calibration feeds
+          the search never scored: selection never sees evaluation data)
+    write the scales back into qparams; the emit and verify stages then write and check the
+    model with constant scales, as without the search
+
+Randomness comes from `config.seed` (per block and pass), so the same inputs give the same
+model. Candidates are scored by `config.workers` workers (`config.executor`: local processes
+or Ray), each opening its own session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq import model_io
+from onnxq.config import LossScope, ScaleSearch, Strategy
+from onnxq.data import Feed
+from onnxq.emit import emit, emit_options
+from onnxq.scoring.executor import open_pool, threads_per_worker
+from onnxq.scoring.sessions import SessionSettings
+from onnxq.search.blocks import Block, partition
+from onnxq.search.evolution import EvolutionSettings, SearchResult, evolve, random_search
+from onnxq.search.graph import BLOCK_INPUT, LiftedScales, lift_activation_scales, suffix_model, with_outputs
+from onnxq.search.worker import BlockJob, candidate_scales, init_block_worker, score_candidate
+from onnxq.state import Observers, QuantState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One block's search: its groups, evaluations, loss on the search feeds before / after,
+    the same on the selection feeds, and whether the result was kept."""
+
+    groups: tuple[str, ...]
+    input: str | None
+    evaluations: int
+    loss_before: float
+    loss_after: float
+    selection_before: float | None
+    selection_after: float | None
+    kept: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    loss: str
+    scope: str
+    strategy: str
+    seed: int
+    search_feeds: int
+    selection_feeds: int
+    blocks: tuple[BlockReport, ...]
+    seconds: float
+
+    @property
+    def evaluations(self) -> int:
+        return sum(block.evaluations for block in self.blocks)
+
+
+class EvolqSearch:
+    name = "evolq"
+
+    @staticmethod
+    def wanted(state: QuantState) -> bool:
+        return state.config.search is ScaleSearch.EVOLQ
+
+    def observe(self, state: QuantState) -> Observers:
+        return {}
+
+    def run(self, state: QuantState) -> None:
+        start = time.perf_counter()
+        settings = state.config.evolq
+        search, selection = _split(state, settings.search_feeds, settings.selection_feeds)
+        quantized = emit(state.model, state.plan, state.qparams, emit_options(state.config))
+        lifted = lift_activation_scales(quantized, state.plan)
+        blocks = [dataclasses.replace(b, groups=tuple(g for g in b.groups if g in lifted.inputs))
+                  for b in partition(state.model, state.plan, settings.min_block_groups, settings.max_blocks)]
+        blocks = [b for b in blocks if b.groups]
+        runner = _BlockRunner(state, lifted, blocks, search, selection)
+        per_block = max(settings.population, settings.budget // max(len(blocks) * settings.passes, 1))
+        progress = state.stage_progress(self.name, len(blocks) * settings.passes)
+        reports = []
+        for number in range(settings.passes):
+            for index, block in enumerate(blocks):
+                rng = np.random.default_rng([state.config.seed, number, index])
+                reports.append(runner.search(block, per_block, rng))
+                if progress is not None:
+                    progress(1)
+        for group, scale in runner.current.items():
+            params = state.qparams.activations[group]
+            factor = float(scale) / float(params.scale)
+            state.qparams.activations[group] = dataclasses.replace(
+                params, scale=np.float32(scale), lo=params.lo * factor, hi=params.hi * factor)
+        state.reports["search"] = SearchReport(
+            settings.loss.value, settings.scope.value, settings.strategy.value, state.config.seed,
+            len(search), len(selection), tuple(reports), time.perf_counter() - start)
+
+
+def _split(state: QuantState, search: int, selection: int) -> tuple[list[Feed], list[Feed]]:
+    """Search and selection feeds: disjoint, drawn from the calibration feeds by the seed."""
+    order = np.random.default_rng(state.config.seed).permutation(len(state.calibration))
+    chosen = [state.calibration.feed(int(i)) for i in order]
+    selection = min(selection, max(len(chosen) - 1, 0) // 3)
+    return chosen[selection:selection + search], chosen[:selection]
+
+
+class _BlockRunner:
+    """The block inputs of the model quantized so far, the float references, and the search of
+    one block through a pool of workers."""
+
+    def __init__(self, state: QuantState, lifted: LiftedScales, blocks: list[Block],
+                 search: list[Feed], selection: list[Feed]) -> None:
+        self.state, self.lifted = state, lifted
+        self.current = {group: lifted.defaults[group] for group in lifted.inputs}
+        cuts = sorted({tensor for b in blocks for tensor in (b.input, b.output) if tensor is not None})
+        self.feeds = {"search": _batched(state, search), "selection": _batched(state, selection)}
+        self._cut_session = state.scorer.session(with_outputs(lifted.model, cuts), "the search model")
+        float_cuts = state.scorer.session(with_outputs(state.model, cuts), "the float model")
+        self._float = {kind: [dict(zip([o.name for o in float_cuts.get_outputs()],
+                                       float_cuts.run(None, feed), strict=True)) for feed in feeds]
+                       for kind, feeds in self.feeds.items()}
+
+    def _block_inputs(self, kind: str, tensor: str) -> list[np.ndarray]:
+        scales = {self.lifted.inputs[g]: s for g, s in self.current.items()}
+        names = [o.name for o in self._cut_session.get_outputs()]
+        return [dict(zip(names, self._cut_session.run(None, {**feed, **scales}), strict=True))[tensor]
+                for feed in self.feeds[kind]]
+
+    def _job(self, block: Block, kind: str, workers: int) -> BlockJob:
+        config = self.state.config
+        local = config.evolq.scope is LossScope.LOCAL and block.output is not None
+        suffix = suffix_model(self.lifted.model, block.input, block.output if local else None)
+        used = {v.name for v in suffix.graph.inputs}
+        inputs = self._block_inputs(kind, block.input) if block.input is not None else None
+        feeds = tuple({**{k: v for k, v in feed.items() if k in used},
+                       **({BLOCK_INPUT: inputs[i]} if inputs is not None else {})}
+                      for i, feed in enumerate(self.feeds[kind]))
+        outputs = tuple(v.name for v in suffix.graph.outputs)
+        if local:
+            reference = tuple((floats[block.output],) for floats in self._float[kind])
+        else:
+            reference = tuple(tuple(self.state.float_session.run(list(outputs), feed))
+                              for feed in self.feeds[kind])
+        scales = {self.lifted.inputs[g]: s for g, s in self.current.items() if self.lifted.inputs[g] in used}
+        threads = threads_per_worker(workers) if workers > 1 else 0
+        return BlockJob(model_io.to_proto(suffix).SerializeToString(),
+                        SessionSettings(threads=threads, provider=config.provider), feeds, reference,
+                        outputs, config.evolq.loss, scales,
+                        tuple(self.lifted.inputs[g] for g in block.groups))
+
+    def search(self, block: Block, evaluations: int, rng: np.random.Generator) -> BlockReport:
+        start = time.perf_counter()
+        config, settings = self.state.config, self.state.config.evolq
+        job = self._job(block, "search", config.workers)
+        evolution = EvolutionSettings(settings.population, settings.elite, settings.tournament,
+                                      settings.sigma, settings.final_sigma)
+        search = evolve if settings.strategy is Strategy.EVOLUTION else random_search
+        with open_pool(config.executor, config.workers, init_block_worker, (job,)) as pool:
+            result = search(lambda candidates: np.array(pool.map(score_candidate, list(candidates))),
+                            len(block.groups), evaluations, evolution, rng)
+        before, after = self._selection_losses(block, result)
+        kept = result.loss < result.start_loss and (before is None or after < before)
+        if kept:
+            moved = candidate_scales(self.current, block.groups, result.best)
+            self.current.update(moved)
+        logger.info("block of %d groups from %s: loss %.5g -> %.5g, selection %s -> %s, %s",
+                    len(block.groups), block.input, result.start_loss, result.loss, before, after,
+                    "kept" if kept else "dropped")
+        return BlockReport(block.groups, block.input, result.evaluations, result.start_loss, result.loss,
+                           before, after, kept, time.perf_counter() - start)
+
+    def _selection_losses(self, block: Block, result: SearchResult) -> tuple[float | None, float | None]:
+        if not self.feeds["selection"] or result.loss >= result.start_loss:
+            return None, None
+        init_block_worker(self._job(block, "selection", 1))
+        return score_candidate(np.zeros(len(block.groups))), score_candidate(result.best)
+
+
+def _batched(state: QuantState, feeds: list[Feed]) -> list[Feed]:
+    """Feeds of one shape joined along the batch axis when every graph input's first axis is
+    free (one run instead of many; the losses pool rows, so they are the same)."""
+    shapes = {tuple((name, array.shape) for name, array in sorted(feed.items())) for feed in feeds}
+    free = all(value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int)
+               for value in state.model.graph.inputs)
+    if not free or len(shapes) != 1 or len(feeds) < 2:
+        return list(feeds)
+    return [{name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}]
