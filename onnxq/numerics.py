@@ -25,22 +25,35 @@ MIN_SCALE = float(np.finfo(np.float32).tiny) * 2**23
 
 @dataclass(frozen=True)
 class IntRange:
-    """The integer grid of a quantized type."""
+    """The integer grid of a quantized type.
+
+    `reduce_8bit`: an 8-bit grid keeps to 7-bit codes (same container), so that integer
+    kernels that add u8 x s8 products in int16 cannot saturate (onnxq.cpu); other bit-widths
+    are unaffected, and the flag travels with the grid when its bits change (`with_bits`).
+    """
 
     bits: int
     signed: bool
+    reduce_8bit: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 32:
             raise ValueError(f"bits must be in [2, 32], got {self.bits}")
 
     @property
+    def code_bits(self) -> int:
+        return 7 if self.reduce_8bit and self.bits == 8 else self.bits
+
+    @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.signed else 0
+        return -(2 ** (self.code_bits - 1)) if self.signed else 0
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+        return 2 ** (self.code_bits - 1) - 1 if self.signed else 2**self.code_bits - 1
+
+    def with_bits(self, bits: int) -> IntRange:
+        return IntRange(bits, self.signed, self.reduce_8bit)
 
     @property
     def dtype(self) -> np.dtype:

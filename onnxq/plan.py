@@ -42,7 +42,7 @@ class WeightQuant:
 
     def at_bits(self, bits: int) -> WeightQuant:
         """The same weight quantized at `bits` (same signedness)."""
-        return dataclasses.replace(self, grid=IntRange(bits, self.grid.signed))
+        return dataclasses.replace(self, grid=self.grid.with_bits(bits))
 
 
 @dataclass(frozen=True)

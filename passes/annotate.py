@@ -183,7 +183,7 @@ class _Walk:
             bits = self.layer_rules[node.name].bits
             plan.bits_rules[node.name] = f"{self.layer_rules[node.name].pattern}={bits}"
         plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis,
-                                        IntRange(bits, signed=True)))
+                                        IntRange(bits, True, self.config.effective_reduce_range)))
         bias = node.inputs[rule.bias_input] if (rule.bias_input is not None
                                                  and len(node.inputs) > rule.bias_input) else None
         if _is_constant(bias) and len(bias.const_value.shape) == 1:

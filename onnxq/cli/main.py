@@ -93,6 +93,9 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
                    "'comq' searches weight codes and scales with COMQ (activations: mse).")
 @click.option("--weight-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
               help="Bits of every quantized weight; below 8 stored as int4 (opset 21) [default: 8].")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="8-bit weights as 7-bit codes, so that x86 integer kernels without VNNI cannot "
+                   "saturate [default: on when this CPU lacks VNNI/AMX].")
 @click.option("--layer", "layer_bits", multiple=True, metavar="PATTERN=BITS",
               help="Weight bits of the layers matching PATTERN (node name, op type or glob): 2, 3, "
                    "4, 8 or float. Repeatable; the last matching rule wins; rules come after "
@@ -162,7 +165,8 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--quiet", is_flag=True, help="No progress display and no summary.")
 @reports_errors
 def quantize_command(input_path: Path, output_path: Path, calib: Path, method: str | None,
-                     weight_bits: str | None, layer_bits: tuple[str, ...], avg_bits: float | None,
+                     weight_bits: str | None, reduce_range: bool | None, layer_bits: tuple[str, ...],
+                     avg_bits: float | None,
                      max_size: str | None, max_bops: float | None, max_drop: float | None,
                      candidate_bits: str | None, sensitivity: str | None, no_matmul_nbits: bool | None,
                      no_gather: bool | None, percentile: float | None, per_tensor: bool | None,
@@ -185,7 +189,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
         config_file,
         method=CalibrationMethod(method) if method and method != "comq" else None,
         weight_method=WeightMethod.COMQ if method == "comq" else None,
-        weight_bits=int(weight_bits) if weight_bits else None,
+        weight_bits=int(weight_bits) if weight_bits else None, reduce_range=reduce_range,
         layer_bits=layer_bits, avg_bits=avg_bits, **_size_budget(max_size), max_bops=max_bops,
         max_drop=max_drop, candidate_bits=_bits_list(candidate_bits), sensitivity=sensitivity,
         matmul_nbits=False if no_matmul_nbits else None, quantize_gather=False if no_gather else None,

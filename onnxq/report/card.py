@@ -74,6 +74,9 @@ def quantization_card(result: QuantResult) -> dict[str, Any]:
         "calibration": {"feeds": result.calibration_feeds, "held_out": result.fidelity.feeds,
                         "activation_method": result.config.method.value,
                         "activation_type": result.config.activation_type.value},
+        "weights": {"reduce_range": result.config.effective_reduce_range,
+                    "reduce_range_from": ("config" if result.config.reduce_range is not None
+                                          else "this CPU (onnxq.cpu)")},
         "layers": layers,
         "float": [{"node": node, "op_type": op, "reason": result.plan.float_reasons.get(node, "")}
                   for node, op in sorted(result.plan.float_nodes.items())],
