@@ -1,0 +1,173 @@
+"""Evol-Q: the evolutionary core on a known optimum, the search graph against emitted models
+through ONNX Runtime, blocks of real graphs, reproducibility, and bad options."""
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnxq
+from graphs import small_cnn, small_cnn_feeds
+from onnxq import model_io
+from onnxq.api import stages_for
+from onnxq.config import EvolqConfig, QuantConfig, ScaleSearch, config_from_dict
+from onnxq.emit import emit
+from onnxq.errors import ConfigError
+from onnxq.search.blocks import partition
+from onnxq.search.evolution import EvolutionSettings, evolve, random_search
+from onnxq.search.graph import BLOCK_INPUT, lift_activation_scales, suffix_model, with_outputs
+from onnxq.stages.evolq import EvolqSearch
+from onnxq.stages.prepare import load_state, prepare_state
+from onnxq.state import run_stages
+
+
+def _unfused(model) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model if isinstance(model, bytes) else model_io.to_proto(model).SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _calibrated(config: QuantConfig, feeds):
+    """A state after every stage before emit (ranges, weights, bias)."""
+    state = load_state(small_cnn(), feeds, config)
+    prepare_state(state)
+    run_stages(state, [s for s in stages_for(state) if s.name not in ("evolq", "emit", "verify")])
+    return state
+
+
+def test_evolution_finds_a_known_optimum_and_beats_random_search():
+    optimum = np.array([0.04, -0.03, 0.02, 0.0, -0.05, 0.01])
+    rng = np.random.default_rng(0)
+    jagged = 1e-5 * rng.random(64)
+
+    def loss(candidates):  # a bowl with small jags, as a quantized network's loss looks
+        bowl = ((candidates - optimum) ** 2).sum(axis=1)
+        return bowl + jagged[(np.abs(candidates).sum(axis=1) * 1e3).astype(int) % 64]
+
+    settings = EvolutionSettings()
+    evolved = evolve(loss, 6, 400, settings, np.random.default_rng(1))
+    sampled = random_search(loss, 6, 400, settings, np.random.default_rng(1))
+    assert evolved.evaluations <= 400 and sampled.evaluations == 400
+    assert np.abs(evolved.best - optimum).max() < 0.01
+    assert evolved.loss < sampled.loss < evolved.start_loss
+    again = evolve(loss, 6, 400, settings, np.random.default_rng(1))
+    assert np.array_equal(again.best, evolved.best)
+
+
+def test_a_lifted_scale_changes_the_output_as_the_emitted_model_with_that_scale():
+    feeds = small_cnn_feeds(12)
+    state = _calibrated(QuantConfig(holdout=2), feeds)
+    lifted = lift_activation_scales(emit(state.model, state.plan, state.qparams), state.plan)
+    assert set(lifted.inputs) == {g.stats_tensor for g in state.plan.activation_groups}
+    group = state.plan.activation_groups[1].stats_tensor
+    moved = np.asarray(state.qparams.activations[group].scale * 1.25, np.float32)
+    session = _unfused(lifted.model)
+    scales = {lifted.inputs[g]: lifted.defaults[g] for g in lifted.inputs}
+    changed = dict(state.qparams.activations)
+    changed[group] = dataclasses.replace(changed[group], scale=np.float32(moved))
+    emitted = _unfused(emit(state.model, state.plan, dataclasses.replace(state.qparams, activations=changed)))
+    original = _unfused(emit(state.model, state.plan, state.qparams))
+    for feed in feeds[:4]:
+        at_default = session.run(None, {**feed, **scales})[0]
+        np.testing.assert_array_equal(at_default, original.run(None, feed)[0])
+        at_moved = session.run(None, {**feed, **scales, lifted.inputs[group]: moved})[0]
+        assert not np.allclose(at_moved, at_default, atol=1e-6)
+        # the emitted model also requantizes its bias with the new input scale: int32 rounding
+        np.testing.assert_allclose(at_moved, emitted.run(None, feed)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_suffix_from_a_cached_block_input_gives_the_whole_model_outputs():
+    feeds = small_cnn_feeds(12)
+    state = _calibrated(QuantConfig(holdout=2), feeds)
+    lifted = lift_activation_scales(emit(state.model, state.plan, state.qparams), state.plan)
+    blocks = partition(state.model, state.plan, min_groups=1, max_blocks=8)
+    assert len(blocks) >= 2 and blocks[0].input is None
+    planned = sorted(g.stats_tensor for g in state.plan.activation_groups)
+    assert sorted(g for b in blocks for g in b.groups) == planned
+    scales = {lifted.inputs[g]: lifted.defaults[g] for g in lifted.inputs}
+    block = blocks[-1]
+    cached = _unfused(with_outputs(lifted.model, [block.input]))
+    suffix = suffix_model(lifted.model, block.input, None)
+    suffix_session = _unfused(suffix)
+    used = {i.name for i in suffix_session.get_inputs()}
+    for feed in feeds[:3]:
+        whole, block_input = cached.run(None, {**feed, **scales})
+        rest = suffix_session.run(None, {BLOCK_INPUT: block_input,
+                                         **{k: v for k, v in scales.items() if k in used}})[0]
+        np.testing.assert_array_equal(rest, whole)
+
+
+def test_search_moves_a_spoiled_scale_back_and_keeps_only_what_selection_confirms():
+    feeds = small_cnn_feeds(48)
+    config = QuantConfig(holdout=4, search=ScaleSearch.EVOLQ,
+                         evolq=EvolqConfig(budget=160, loss="mse", search_feeds=24, selection_feeds=12,
+                                           sigma=0.1, final_sigma=0.01))
+    state = _calibrated(config, feeds)
+    group = state.plan.activation_groups[0].stats_tensor  # the input x
+    good = float(state.qparams.activations[group].scale)
+    state.qparams.activations[group] = dataclasses.replace(state.qparams.activations[group],
+                                                           scale=np.float32(good * 1.3))
+    EvolqSearch().run(state)
+    report = state.reports["search"]
+    first = report.blocks[0]
+    assert group in first.groups and first.kept
+    assert float(state.qparams.activations[group].scale) / good < 1.27
+    for block in report.blocks:  # kept exactly when both the search and the selection loss fell
+        improved = block.loss_after < block.loss_before
+        confirmed = block.selection_after is not None and block.selection_after < block.selection_before
+        assert block.kept == (improved and confirmed)
+    assert report.evaluations <= 160 + 8 * len(report.blocks)
+
+
+def test_same_seed_gives_a_byte_identical_model():
+    feeds = small_cnn_feeds(40)
+    config = QuantConfig(search=ScaleSearch.EVOLQ, evolq=EvolqConfig(budget=40, search_feeds=16,
+                                                                      selection_feeds=8))
+    first = onnxq.quantize(small_cnn(), feeds, config)
+    second = onnxq.quantize(small_cnn(), feeds, config)
+    assert first.model.SerializeToString() == second.model.SerializeToString()
+    assert first.search.evaluations > 0
+    plain = onnxq.quantize(small_cnn(), feeds, QuantConfig())
+    kept = [b for b in first.search.blocks if b.kept]
+    assert (first.model.SerializeToString() != plain.model.SerializeToString()) == bool(kept)
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"evolq": {"budget": 0}}, "evolq budget must be an integer >= 1"),
+    ({"evolq": {"budget": 4, "population": 8}}, "must cover one population"),
+    ({"evolq": {"loss": "l1"}}, "evolq loss = 'l1' is not one of"),
+    ({"evolq": {"scope": "sideways"}}, "evolq scope"),
+    ({"evolq": {"sigma": 0.01, "final_sigma": 0.1}}, "final_sigma <= sigma"),
+    ({"evolq": {"elite": 8}}, "elite must be in"),
+    ({"search": "genetic"}, "search = 'genetic' is not one of: none, evolq"),
+    ({"workers": 0}, "workers must be an integer >= 1"),
+    ({"executor": "slurm"}, "executor must be local or ray"),
+    ({"provider": "tpu"}, "provider must be cpu or cuda"),
+])
+def test_bad_search_options_are_config_errors(table, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(table)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--search", "bogus"], ["--search-budget", "0"], ["--workers", "0"], ["--executor", "nope"],
+    ["--provider", "cuda"],
+])
+def test_bad_search_flags_are_one_line_errors(tmp_path, flags):
+    model, calib = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
+    onnx.save(small_cnn(), model)
+    np.savez(calib, x=np.random.default_rng(0).normal(0, 1, (12, 3, 16, 16)).astype(np.float32))
+    if flags[0] == "--provider" and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    done = subprocess.run([sys.executable, "-m", "onnxq", "quantize", str(model), str(tmp_path / "out.onnx"),
+                           "--calib", str(calib), "--search", "evolq", *flags],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxq: error:"), done.stderr
+    assert not (tmp_path / "out.onnx").exists()
