@@ -70,6 +70,10 @@ ROWS: tuple[RowSpec, ...] = (
     *(RowSpec(f"onnxq W{bits}A8 {method}", "onnxq", "onnxq",
               _options(weight_bits=bits, weight_method=method))
       for bits in (4, 3) for method in ("rtn", "comq")),
+    # Evol-Q's scale search (default settings) on the default W8A8 model and on COMQ's W4A8.
+    RowSpec("onnxq evolq", "onnxq", "onnxq", _options(search="evolq")),
+    RowSpec("onnxq W4A8 comq + evolq", "onnxq", "onnxq",
+            _options(weight_bits=4, weight_method="comq", search="evolq")),
     # PP-OCR loses most of its accuracy to 8-bit activations in three early Convs (found by
     # `onnxq compare --per-layer` on the W8A8 model); with those kept float, both weight
     # quantizers again, so their difference is the weights' alone.

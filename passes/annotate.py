@@ -183,12 +183,25 @@ class _Walk:
             bits = self.layer_rules[node.name].bits
             plan.bits_rules[node.name] = f"{self.layer_rules[node.name].pattern}={bits}"
         plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis,
-                                        IntRange(bits, True, self.config.effective_reduce_range)))
+                                        IntRange(bits, True, self._reduce_range(node, weight))))
         bias = node.inputs[rule.bias_input] if (rule.bias_input is not None
                                                  and len(node.inputs) > rule.bias_input) else None
         if _is_constant(bias) and len(bias.const_value.shape) == 1:
             plan.biases.append(BiasQuant(bias.name, node.name, rule.bias_input,
                                          node.inputs[0].name, weight.name))
+
+    def _reduce_range(self, node: ir.Node, weight: ir.Value) -> bool:
+        """7-bit codes for this 8-bit weight (`QuantConfig.reduce_range`)? Not for Gather tables
+        (dequantized, no integer kernel) nor depthwise Convs (ORT's depthwise QLinearConv
+        accumulates in int32 and does not saturate)."""
+        if node.op_type == "Gather" or not self.config.effective_reduce_range:
+            return False
+        if node.op_type == "Conv":
+            group = node.attributes.get("group")
+            shape = weight.const_value.shape
+            if group is not None and group.as_int() == shape[0] and shape[1] == 1:
+                return False
+        return True
 
     def other_node(self, node: ir.Node, rule) -> None:
         """A node not quantized as a compute node: a chain or join that joins its inputs'
