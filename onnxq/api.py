@@ -11,6 +11,7 @@ Nothing is written until `QuantResult.save`, which writes atomically and never o
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import onnx
@@ -48,7 +49,9 @@ def quantize(
         progress: optional callback (stage, advance, total) for progress display.
     """
     config = config or QuantConfig()
+    start = time.perf_counter()
     state = load_state(model, calib, config, progress)
+    state.seconds["load"] = time.perf_counter() - start
     with state.timed("prepare"):
         prepare_state(state)
     run_stages(state, stages_for(state))
