@@ -151,9 +151,9 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="Search activation scales after calibration: evolq (evolutionary, scored "
                    "through ONNX Runtime block by block) [default: none].")
 @click.option("--search-budget", type=click.IntRange(min=1), default=None,
-              help="Candidate evaluations of the whole scale search [default: 400].")
+              help="Candidate evaluations of the whole scale search [default: 240].")
 @click.option("--search-loss", type=click.Choice([m.value for m in DamageMeasure]), default=None,
-              help="Loss of the scale search on the model outputs [default: infonce].")
+              help="Loss of the scale search on the model outputs [default: mse].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes that score search candidates [default: 1, this process].")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
