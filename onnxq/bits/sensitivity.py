@@ -62,20 +62,12 @@ class WeightProbe:
                                                                "the sensitivity probe")
 
     @property
-    def session(self) -> ort.InferenceSession:
-        return self.lifted.session
-
-    @property
     def output_names(self) -> list[str]:
         return self.lifted.output_names
 
     @property
     def defaults(self) -> dict[str, np.ndarray]:
         return self.lifted.defaults
-
-    @property
-    def batch_axis_free(self) -> bool:
-        return self.lifted.batch_axis_free
 
     def batched(self, feeds: Sequence[Feed]) -> list[Feed]:
         """Feeds of one shape joined along the batch axis when the model allows it (one run

@@ -63,6 +63,15 @@ def feed_key(feed: Mapping[str, np.ndarray]) -> bytes:
     return digest.digest()
 
 
+def batch_feeds(feeds: Sequence[Feed], batch_axis_free: bool) -> list[Feed]:
+    """Feeds of one shape joined along the batch axis when the model's first axis is free (one
+    run instead of many; the damage measures pool rows, so the result is the same)."""
+    shapes = {tuple((name, array.shape) for name, array in sorted(feed.items())) for feed in feeds}
+    if not batch_axis_free or len(shapes) != 1 or len(feeds) < 2:
+        return list(feeds)
+    return [{name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}]
+
+
 class CheckedSession:
     """A session whose run errors (e.g. a feed the model rejects) are one-line ModelErrors."""
 
@@ -138,12 +147,8 @@ class LiftedModel:
         return self._slots[(node, index)]
 
     def batched(self, feeds: Sequence[Feed]) -> list[Feed]:
-        """Feeds of one shape joined along the batch axis when the model allows it (one run
-        instead of many; the damage measures pool rows, so the result is the same)."""
-        shapes = {tuple((name, array.shape) for name, array in sorted(feed.items())) for feed in feeds}
-        if not self.batch_axis_free or len(shapes) != 1 or len(feeds) < 2:
-            return list(feeds)
-        return [{name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}]
+        """The feeds joined along the batch axis where the model allows it (`batch_feeds`)."""
+        return batch_feeds(feeds, self.batch_axis_free)
 
     def run(self, feeds: Iterable[Feed], overrides: Mapping[str, np.ndarray] | None = None) -> Outputs:
         """Outputs over the feeds, the lifted inputs at their defaults except `overrides`

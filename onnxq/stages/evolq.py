@@ -25,12 +25,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxq import model_io
 from onnxq.config import LossScope, ScaleSearch, Strategy
 from onnxq.data import Feed
 from onnxq.emit import emit, emit_options
 from onnxq.scoring.executor import open_pool, threads_per_worker
+from onnxq.scoring.scorer import batch_feeds
 from onnxq.scoring.sessions import SessionSettings
 from onnxq.search.blocks import Block, partition
 from onnxq.search.evolution import EvolutionSettings, SearchResult, evolve, random_search
@@ -128,13 +130,18 @@ class _BlockRunner:
                  search: list[Feed], selection: list[Feed]) -> None:
         self.state, self.lifted = state, lifted
         self.current = {group: lifted.defaults[group] for group in lifted.inputs}
+        self.local = state.config.evolq.scope is LossScope.LOCAL
         cuts = sorted({tensor for b in blocks for tensor in (b.input, b.output) if tensor is not None})
-        self.feeds = {"search": _batched(state, search), "selection": _batched(state, selection)}
+        free = all(value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int)
+                   for value in state.model.graph.inputs)
+        self.feeds = {"search": batch_feeds(search, free), "selection": batch_feeds(selection, free)}
         self._cut_session = state.scorer.session(with_outputs(lifted.model, cuts), "the search model")
-        float_cuts = state.scorer.session(with_outputs(state.model, cuts), "the float model")
-        self._float = {kind: [dict(zip([o.name for o in float_cuts.get_outputs()],
-                                       float_cuts.run(None, feed), strict=True)) for feed in feeds]
-                       for kind, feeds in self.feeds.items()}
+        self._float: dict[str, list[dict[str, np.ndarray]]] = {}
+        if self.local:  # the float model's block outputs, the local loss's reference
+            float_cuts = state.scorer.session(with_outputs(state.model, cuts), "the float model")
+            names = [o.name for o in float_cuts.get_outputs()]
+            self._float = {kind: [dict(zip(names, float_cuts.run(None, feed), strict=True))
+                                  for feed in feeds] for kind, feeds in self.feeds.items()}
 
     def _block_inputs(self, kind: str, tensor: str) -> list[np.ndarray]:
         scales = {self.lifted.inputs[g]: s for g, s in self.current.items()}
@@ -142,17 +149,21 @@ class _BlockRunner:
         return [dict(zip(names, self._cut_session.run(None, {**feed, **scales}), strict=True))[tensor]
                 for feed in self.feeds[kind]]
 
-    def _job(self, block: Block, kind: str, workers: int) -> BlockJob:
+    def _suffix(self, block: Block) -> ir.Model:
+        """The part of the search model a candidate of `block` runs."""
+        end = block.output if self.local else None
+        return suffix_model(self.lifted.model, block.input, end)
+
+    def _job(self, block: Block, suffix: ir.Model, kind: str, workers: int) -> BlockJob:
+        """What the workers need to score `block`'s candidates on the `kind` feeds."""
         config = self.state.config
-        local = config.evolq.scope is LossScope.LOCAL and block.output is not None
-        suffix = suffix_model(self.lifted.model, block.input, block.output if local else None)
         used = {v.name for v in suffix.graph.inputs}
         inputs = self._block_inputs(kind, block.input) if block.input is not None else None
         feeds = tuple({**{k: v for k, v in feed.items() if k in used},
                        **({BLOCK_INPUT: inputs[i]} if inputs is not None else {})}
                       for i, feed in enumerate(self.feeds[kind]))
         outputs = tuple(v.name for v in suffix.graph.outputs)
-        if local:
+        if self.local and block.output is not None:
             reference = tuple((floats[block.output],) for floats in self._float[kind])
         else:
             reference = tuple(tuple(self.state.float_session.run(list(outputs), feed))
@@ -167,14 +178,15 @@ class _BlockRunner:
     def search(self, block: Block, evaluations: int, rng: np.random.Generator) -> BlockReport:
         start = time.perf_counter()
         config, settings = self.state.config, self.state.config.evolq
-        job = self._job(block, "search", config.workers)
+        suffix = self._suffix(block)
+        job = self._job(block, suffix, "search", config.workers)
         evolution = EvolutionSettings(settings.population, settings.elite, settings.tournament,
                                       settings.sigma, settings.final_sigma)
         search = evolve if settings.strategy is Strategy.EVOLUTION else random_search
         with open_pool(config.executor, config.workers, init_block_worker, (job,)) as pool:
             result = search(lambda candidates: np.array(pool.map(score_candidate, list(candidates))),
                             len(block.groups), evaluations, evolution, rng)
-        before, after = self._selection_losses(block, result)
+        before, after = self._selection_losses(block, suffix, result)
         kept = result.loss < result.start_loss and (before is None or after < before)
         if kept:
             moved = candidate_scales(self.current, block.groups, result.best)
@@ -185,19 +197,10 @@ class _BlockRunner:
         return BlockReport(block.groups, block.input, result.evaluations, result.start_loss, result.loss,
                            before, after, kept, time.perf_counter() - start)
 
-    def _selection_losses(self, block: Block, result: SearchResult) -> tuple[float | None, float | None]:
+    def _selection_losses(self, block: Block, suffix: ir.Model,
+                          result: SearchResult) -> tuple[float | None, float | None]:
         if not self.feeds["selection"] or result.loss >= result.start_loss:
             return None, None
-        init_block_worker(self._job(block, "selection", 1))
+        init_block_worker(self._job(block, suffix, "selection", 1))
         return score_candidate(np.zeros(len(block.groups))), score_candidate(result.best)
 
-
-def _batched(state: QuantState, feeds: list[Feed]) -> list[Feed]:
-    """Feeds of one shape joined along the batch axis when every graph input's first axis is
-    free (one run instead of many; the losses pool rows, so they are the same)."""
-    shapes = {tuple((name, array.shape) for name, array in sorted(feed.items())) for feed in feeds}
-    free = all(value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int)
-               for value in state.model.graph.inputs)
-    if not free or len(shapes) != 1 or len(feeds) < 2:
-        return list(feeds)
-    return [{name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}]
