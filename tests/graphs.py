@@ -67,3 +67,35 @@ def tiny_attention(seed: int = 0) -> onnx.ModelProto:
     ]
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 16])],
                   [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, "T", 16])], inits)
+
+
+def affine_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Conv blocks with channel-wise affine ops around their activation, as in PP-OCRv4's
+    backbone; channel ranges differ by 30x:
+
+    x -> Conv a -> Mul(k) -> Add(b) -> HardSwish -> Mul(c) -> Add(d) -> depthwise Conv b -> Relu
+      -> Conv c (1x1) -> Sigmoid -> y        (k and c share one initializer)
+    """
+    rng = np.random.default_rng(seed)
+    spread = np.geomspace(0.1, 3.0, 8)[:, None, None, None]
+    inits = [
+        _init("wa", rng.normal(0, 0.3, (8, 3, 3, 3)) * spread), _init("ba", rng.normal(0, 0.1, 8)),
+        _init("gain", np.array([1.3])), _init("shift_b", np.array([0.6])),
+        _init("shift_d", np.array([-0.2])),
+        _init("wb", rng.normal(0, 0.3, (8, 1, 3, 3))), _init("bb", rng.normal(0, 0.1, 8)),
+        _init("wc", rng.normal(0, 0.3, (4, 8, 1, 1))),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["gain", "a"], ["ak"], name="mul_k"),
+        helper.make_node("Add", ["ak", "shift_b"], ["akb"], name="add_b"),
+        helper.make_node("HardSwish", ["akb"], ["h"], name="hswish"),
+        helper.make_node("Mul", ["h", "gain"], ["hc"], name="mul_c"),
+        helper.make_node("Add", ["hc", "shift_d"], ["hcd"], name="add_d"),
+        helper.make_node("Conv", ["hcd", "wb", "bb"], ["b"], name="conv_b", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+        helper.make_node("Conv", ["rb", "wc"], ["c"], name="conv_c"),
+        helper.make_node("Sigmoid", ["c"], ["y"], name="sigmoid"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 12, 12])], inits)

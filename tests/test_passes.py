@@ -169,3 +169,55 @@ def test_smoothquant_is_exact_in_float_and_flattens_channels():
     # the context MatMul reads x as its second operand: it keeps the unsmoothed x
     context = next(n for n in result.model.graph if n.name == "context")
     assert context.inputs[1].name == "x"
+
+
+def _channel_absmax(proto: onnx.ModelProto, names: list[str], feeds) -> dict[str, np.ndarray]:
+    from onnxq.calibration.calibrate import ChannelAbsMax, observe
+
+    observers = {name: ChannelAbsMax(axis=1) for name in names}
+    observe(proto, {name: [o] for name, o in observers.items()}, feeds)
+    return {name: o.value for name, o in observers.items()}
+
+
+def test_equalize_is_exact_in_float_and_flattens_channels():
+    from graphs import affine_cnn
+    from onnxq.passes.equalize import EqualizeChannelsPass, equalization_candidates
+
+    proto = affine_cnn()
+    model = prepare(ir.from_proto(proto))
+    # a (Conv -> Mul), hcd (Add(Mul) -> depthwise Conv), b (Conv -> Relu -> dense 1x1 Conv:
+    # only when dense Convs may pay); akb feeds HardSwish, c feeds Sigmoid: left alone
+    assert equalization_candidates(model) == ["a", "hcd"]
+    assert equalization_candidates(model, dense=True) == ["a", "hcd", "b"]
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.normal(0, 1, (1, 3, 12, 12)).astype(np.float32)} for _ in range(4)]
+    before = _channel_absmax(proto, ["a", "hcd"], feeds)
+    result = EqualizeChannelsPass(before)(model)
+    assert result.modified
+    equalized = ir.to_proto(result.model)
+    for feed in feeds:
+        np.testing.assert_allclose(_run(equalized, feed)[0], _run(proto, feed)[0], rtol=1e-4, atol=1e-6)
+    after = _channel_absmax(equalized, ["a", "hcd"], feeds)
+    for name in ("a", "hcd"):
+        assert before[name].max() / before[name].min() > 10
+        np.testing.assert_allclose(after[name], after[name].max(), rtol=1e-3)  # one range
+    # the shared scalar became two per-channel constants; the original initializer is gone
+    names = {v.name for n in result.model.graph for v in n.inputs if v is not None}
+    assert "gain" not in names and "gain" not in result.model.graph.initializers
+    assert not EqualizeChannelsPass({})(result.model).modified
+
+
+def test_equalize_raises_int8_fidelity_of_spread_channels():
+    import onnxq
+    from graphs import affine_cnn
+    from onnxq.config import QuantConfig
+
+    proto = affine_cnn()
+    rng = np.random.default_rng(5)
+    calib = {"x": rng.normal(0, 1, (24, 3, 12, 12)).astype(np.float32)}
+    cosines = {}
+    for equalize in (False, True):
+        result = onnxq.quantize(proto, calib, QuantConfig(equalize=equalize, reduce_range=False))
+        cosines[equalize] = min(o.cosine for o in result.fidelity.outputs)
+    assert cosines[True] > cosines[False]
+    assert 1 - cosines[True] < (1 - cosines[False]) / 2

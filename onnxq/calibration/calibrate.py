@@ -64,22 +64,17 @@ def observe(proto: onnx.ModelProto, observers: Mapping[str, Sequence[Observer]],
 
 
 class ChannelAbsMax:
-    """Streamed max |x| per last-axis channel (SmoothQuant's activation statistic)."""
+    """Streamed max |x| per channel on `axis` (last: SmoothQuant's MatMul inputs; 1: the
+    channels of an NCHW activation, for equalization)."""
 
-    def __init__(self) -> None:
+    def __init__(self, axis: int = -1) -> None:
+        self.axis = axis
         self.value: np.ndarray | None = None
 
     def update(self, x: np.ndarray) -> None:
-        channels = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+        moved = np.moveaxis(x, self.axis, -1)
+        channels = np.abs(moved.reshape(-1, moved.shape[-1])).max(axis=0)
         self.value = channels if self.value is None else np.maximum(self.value, channels)
-
-
-def collect_channel_absmax(proto: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Feed],
-                           progress: Progress | None = None) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each tensor, over all feeds (for SmoothQuant)."""
-    absmax = {name: ChannelAbsMax() for name in tensors}
-    observe(proto, {name: [observer] for name, observer in absmax.items()}, feeds, progress)
-    return {name: observer.value for name, observer in absmax.items() if observer.value is not None}
 
 
 def activation_qparams(plan: QuantPlan, stats: dict[str, TensorStatistics],

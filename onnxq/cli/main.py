@@ -135,6 +135,8 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="Leave MatMuls of two activations (attention) float.")
 @click.option("--no-smooth", is_flag=True, default=None,
               help="Skip SmoothQuant on MatMul inputs (on by default; alpha via the config file).")
+@click.option("--no-equalize", is_flag=True, default=None,
+              help="Skip channel equalization of Conv activations (on by default; exact in float).")
 @click.option("--no-bias-correction", is_flag=True, default=None,
               help="Skip bias correction of Conv/Gemm (on by default).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
@@ -172,7 +174,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
                      no_gather: bool | None, percentile: float | None, per_tensor: bool | None,
                      act_type: str | None,
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
-                     no_smooth: bool | None, no_bias_correction: bool | None,
+                     no_smooth: bool | None, no_equalize: bool | None, no_bias_correction: bool | None,
                      config_file: Path | None, holdout: int | None, max_feeds: int | None,
                      min_cosine: float | None, seed: int | None, search: str | None,
                      search_budget: int | None, search_loss: str | None, workers: int | None,
@@ -199,6 +201,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
         exclude=_split_list(exclude),
         quantize_activation_matmul=False if no_activation_matmul else None,
         smooth=False if no_smooth else None,
+        equalize=False if no_equalize else None,
         bias_correction=False if no_bias_correction else None,
         holdout=holdout, max_feeds=max_feeds, min_cosine=min_cosine, seed=seed, search=search,
         workers=workers, executor=executor, provider=provider)

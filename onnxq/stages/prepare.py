@@ -3,8 +3,9 @@ SmoothQuant applied, and the `QuantPlan` annotated. Everything later works on th
 
     model -> checked proto -> float session (an op ORT cannot run fails here)
     feeds -> calibration + held-out (seeded)
-    prepare passes (opset, constants, BatchNorm folding) -> SmoothQuant (its own ORT pass over
-    channel maxima: it must change the weights before statistics are taken) -> annotate
+    prepare passes (opset, constants, BatchNorm folding) -> channel equalization of Conv
+    activations and SmoothQuant of MatMul inputs (one ORT pass over channel maxima: both change
+    weights and constants before statistics are taken; both exact in float) -> annotate
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import onnx_ir as ir
 
 from onnxq import model_io
 from onnxq.calibration import calibrate
+from onnxq.calibration.calibrate import ChannelAbsMax
 from onnxq.config import QuantConfig
 from onnxq.data import open_calibration
 from onnxq.index import ModelIndex
 from onnxq.passes import INT4_MIN_OPSET, QDQ_MIN_OPSET, prepare
 from onnxq.passes.annotate import annotate, excluded_nodes
+from onnxq.passes.equalize import EqualizeChannelsPass, equalization_candidates
 from onnxq.passes.smooth import SmoothMatMulInputsPass, smoothing_candidates
 from onnxq.scoring.scorer import Scorer
 from onnxq.scoring.sessions import SessionSettings
@@ -50,8 +53,7 @@ def prepare_state(state: QuantState) -> None:
     config = state.config
     opset = INT4_MIN_OPSET if config.lowest_weight_bits <= 4 else QDQ_MIN_OPSET
     state.model = prepare(model_io.to_ir(state.float_model), opset)
-    if config.smooth:
-        _smooth(state)
+    _equalize_and_smooth(state)
     state.plan = annotate(state.model, config)
     state.index = ModelIndex(state.model)
 
@@ -69,12 +71,28 @@ def _as_proto(model: ModelSource) -> tuple[onnx.ModelProto, str | None]:
     return proto, None
 
 
-def _smooth(state: QuantState) -> None:
-    """SmoothQuant on the inputs of weight MatMuls, from their per-channel ranges."""
-    skip = frozenset(excluded_nodes(state.model.graph, state.config.exclude))
-    candidates = smoothing_candidates(state.model, skip)
-    if candidates:
-        absmax = calibrate.collect_channel_absmax(
-            model_io.to_proto(state.model), candidates, state.calibration,
-            state.stage_progress("smooth", len(state.calibration)))
-        SmoothMatMulInputsPass(absmax, state.config.effective_smooth_alpha, skip)(state.model)
+def _equalize_and_smooth(state: QuantState) -> None:
+    """Channel equalization of Conv activations (maxima per axis-1 channel) and SmoothQuant of
+    weight MatMul inputs (per last-axis channel), from one pass over the calibration feeds."""
+    config = state.config
+    skip = frozenset(excluded_nodes(state.model.graph, config.exclude))
+    dense_alpha = config.equalize_alpha if config.equalize_alpha > 0 else None
+    equalize = equalization_candidates(state.model, skip, dense_alpha is not None) if config.equalize else []
+    smooth = smoothing_candidates(state.model, skip) if config.smooth else []
+    if not equalize and not smooth:
+        return
+    observers = {name: {"equalize": ChannelAbsMax(axis=1)} for name in equalize}
+    for name in smooth:
+        observers.setdefault(name, {})["smooth"] = ChannelAbsMax(axis=-1)
+    calibrate.observe(model_io.to_proto(state.model),
+                      {name: list(kinds.values()) for name, kinds in observers.items()},
+                      state.calibration, state.stage_progress("channels", len(state.calibration)))
+
+    def maxima(kind: str) -> dict[str, np.ndarray]:
+        return {name: kinds[kind].value for name, kinds in observers.items()
+                if kind in kinds and kinds[kind].value is not None}
+
+    if equalize:
+        EqualizeChannelsPass(maxima("equalize"), skip, dense_alpha)(state.model)
+    if smooth:
+        SmoothMatMulInputsPass(maxima("smooth"), config.effective_smooth_alpha, skip)(state.model)
