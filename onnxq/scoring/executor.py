@@ -11,7 +11,19 @@ block's scoring needs (the session, the cached block inputs) is large next to on
 (a few small scale arrays). So each worker process receives the picklable recipe once, when it
 starts (`initializer(*initargs)`: the model bytes, `SessionSettings`' values, the feeds), builds
 its session there, keeps it in a module global of the initializer's own module, and then scores
-any number of candidates sent through `map`. One pool serves one block.
+any number of candidates sent through `map`.
+
+A pool that outlives one job (a search opens one pool and scores block after block) ships each
+job once with `share`: the value goes to a file in the pool's own temporary folder (local
+processes), Ray's object store (Ray) or nowhere (in-process), and the `Shared` handle, small
+enough to send with every item, is turned back into the value in the worker by `resolve`,
+which keeps the latest value it resolved:
+
+    with open_pool("local", workers) as pool:              # no initializer: workers start bare
+        for job in jobs:
+            handle = pool.share(job)                       # written once
+            scores = pool.map(score, [(handle, c) for c in candidates])
+    # score((handle, c)) calls resolve(handle): loaded on a worker's first item of each job
 
 The pattern for an initializer of your own (it must be a module-level function of an importable
 module: spawned and Ray workers import it by name; so must `fn`):
@@ -37,7 +49,7 @@ Kinds (`ExecutorKind`):
   main script needs the `if __name__ == "__main__":` guard (spawn re-imports the script).
 - "ray": a `ray.util.multiprocessing.Pool` of n actors; joins the cluster at `RAY_ADDRESS`
   when that is set, else starts a local Ray instance with n CPUs (kept for the rest of the
-  process: starting Ray costs seconds, and a search opens one pool per block). Ray is the
+  process: starting Ray costs seconds). Ray is the
   optional extra `pip install 'onnxq[ray]'`; cluster nodes need onnxq installed too.
 
 An initializer that fails in a worker (e.g. a `ModelError` when ORT cannot load the model) is
@@ -56,6 +68,10 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
+import shutil
+import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -111,6 +127,8 @@ class WorkerPool(Protocol):
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]: ...
 
+    def share(self, value: Any) -> Shared: ...
+
     def close(self) -> None: ...
 
     def __enter__(self) -> WorkerPool: ...
@@ -130,11 +148,13 @@ def threads_per_worker(workers: int) -> int:
     return max(1, cores // workers)
 
 
-def open_pool(kind: ExecutorKind | str, workers: int, initializer: Callable[..., None],
+def open_pool(kind: ExecutorKind | str, workers: int, initializer: Callable[..., None] | None = None,
               initargs: tuple = ()) -> WorkerPool:
     """A pool of `workers` workers of `kind` ("local" or "ray"), each set up by
-    `initializer(*initargs)` (see the module docstring for the pattern and the kinds)."""
+    `initializer(*initargs)` when one is given (see the module docstring for the pattern and
+    the kinds)."""
     kind = ExecutorKind.parse(kind)
+    initializer = initializer or _no_setup
     _check_workers(workers)
     if kind is ExecutorKind.RAY:
         return _RayPool(workers, initializer, initargs)
@@ -148,7 +168,50 @@ def _check_workers(workers: int) -> None:
         raise ConfigError(f"workers must be a whole number of 1 or more, got {workers!r}")
 
 
+def _no_setup() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Shared:
+    """A value shipped to a pool's workers once (`WorkerPool.share`), by `key`: the value itself
+    (in-process), the file holding it (local processes) or its Ray object reference."""
+
+    key: str
+    value: Any = None
+    path: str | None = None
+    ray_ref: Any = None
+
+    @classmethod
+    def inline(cls, value: Any) -> Shared:
+        """The value handed over as it is (this process)."""
+        return cls(uuid.uuid4().hex, value=value)
+
+
+_RESOLVED: dict[str, Any] = {}
+
+
+def resolve(handle: Shared) -> Any:
+    """The value behind `handle`, loaded once per worker (the latest one is kept)."""
+    if handle.path is None and handle.ray_ref is None:
+        return handle.value
+    if handle.key not in _RESOLVED:
+        if handle.path is not None:
+            with open(handle.path, "rb") as stream:
+                value = pickle.load(stream)
+        else:
+            import ray
+
+            value = ray.get(handle.ray_ref)
+        _RESOLVED.clear()
+        _RESOLVED[handle.key] = value
+    return _RESOLVED[handle.key]
+
+
 class _PoolBase:
+    def share(self, value: Any) -> Shared:
+        return Shared.inline(value)
+
     def close(self) -> None:  # pragma: no cover - every pool overrides it
         raise NotImplementedError
 
@@ -183,7 +246,15 @@ class _ProcessPool(_PoolBase):
                                          mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_guarded_init,
                                          initargs=(initializer, tuple(initargs)))
+        self._folder = tempfile.mkdtemp(prefix="onnxq-pool-")
         logger.debug("local pool of %d spawned processes", workers)
+
+    def share(self, value: Any) -> Shared:
+        key = uuid.uuid4().hex
+        path = os.path.join(self._folder, f"{key}.pickle")
+        with open(path, "wb") as stream:
+            pickle.dump(value, stream, protocol=pickle.HIGHEST_PROTOCOL)
+        return Shared(key, path=path)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         items = list(items)
@@ -194,9 +265,11 @@ class _ProcessPool(_PoolBase):
                                    chunksize=chunksize))
 
     def close(self) -> None:
-        # Not waiting: a worker that imported onnxq takes a second or more to exit, and a search
-        # opens one pool per block; the processes are joined in the background (and at exit).
+        # Not waiting: a worker that imported onnxq takes a second or more to exit; the
+        # processes are joined in the background (and at exit). Nothing runs now, so the
+        # shared files can go.
         self._pool.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 class _RayPool(_PoolBase):
@@ -226,6 +299,11 @@ class _RayPool(_PoolBase):
         except ValueError as error:  # more workers than the cluster has CPUs
             raise ConfigError(f"--executor ray: {_one_line(error)}") from None
         logger.debug("Ray pool of %d actors", workers)
+
+    def share(self, value: Any) -> Shared:
+        import ray
+
+        return Shared(uuid.uuid4().hex, ray_ref=ray.put(value))
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         items = list(items)

@@ -8,8 +8,10 @@ which of them the block moves. A candidate is then only its vector of log-multip
     scales = current, with block scale i multiplied by e^{m_i}
     loss   = damage(reference outputs, suffix outputs on the feeds)
 
-`init_block_worker(job)` keeps the session and the job in this module (one per process);
-`score_candidate(m)` runs it. Both are module-level so that process pools can ship them.
+The search opens one pool and shares each block's job with it once (`WorkerPool.share`); a
+task is `(handle, m)`. `score_candidate` resolves the handle and opens the job's session the
+first time a worker meets that job, then keeps both for the block's later candidates. It is
+module-level so that process pools can ship it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from onnxq.config import DamageMeasure
 from onnxq.data import Feed
 from onnxq.scoring import sessions
 from onnxq.scoring.damage import search_loss
+from onnxq.scoring.executor import Shared, resolve
 from onnxq.scoring.sessions import SessionSettings
 
 
@@ -37,20 +40,24 @@ class BlockJob:
     moved: tuple[str, ...]  # the inputs a candidate's multipliers apply to, in order
 
 
-_WORKER: dict[str, object] = {}
+_WORKER: dict[str, object] = {}  # the job this worker scores: its key, the job, its session
 
 
-def init_block_worker(job: BlockJob) -> None:
-    """Open the job's session in this process and keep both for `score_candidate`."""
-    _WORKER["job"] = job
-    _WORKER["session"] = sessions.open_session(job.model, "the search model", job.settings)
-
-
-def score_candidate(multipliers: np.ndarray) -> float:
+def score_candidate(task: tuple[Shared, np.ndarray]) -> float:
     """The loss of the job's block with its moved scales times e^multipliers."""
-    job: BlockJob = _WORKER["job"]
+    handle, multipliers = task
+    if _WORKER.get("key") != handle.key:
+        job: BlockJob = resolve(handle)
+        session = sessions.open_session(job.model, "the search model", job.settings)
+        _WORKER.update(key=handle.key, job=job, session=session)
+    job = _WORKER["job"]
     return float(search_loss(job.measure, [list(r) for r in job.reference],
-                               run_candidate(job, _WORKER["session"], multipliers)))
+                             run_candidate(job, _WORKER["session"], multipliers)))
+
+
+def release_worker() -> None:
+    """Drop the job and session this process holds."""
+    _WORKER.clear()
 
 
 def run_candidate(job: BlockJob, session: object, multipliers: np.ndarray) -> list[list[np.ndarray]]:

@@ -14,7 +14,8 @@ ONNX Runtime against the float model on calibration feeds (onnxq.search).
 
 Randomness comes from `config.seed` (per block and pass), so the same inputs give the same
 model. Candidates are scored by `config.workers` workers (`config.executor`: local processes
-or Ray), each opening its own session.
+or Ray), one pool for the whole search: each block's job is shared with it once, and each
+worker opens that block's session on its first candidate.
 """
 
 from __future__ import annotations
@@ -31,13 +32,21 @@ from onnxq import model_io
 from onnxq.config import LossScope, ScaleSearch, Strategy
 from onnxq.data import Feed
 from onnxq.emit import emit, emit_options
-from onnxq.scoring.executor import open_pool, threads_per_worker
+from onnxq.plan import BiasQuant
+from onnxq.scoring.executor import Shared, WorkerPool, open_pool, threads_per_worker
 from onnxq.scoring.scorer import batch_feeds
 from onnxq.scoring.sessions import SessionSettings
 from onnxq.search.blocks import Block, partition
 from onnxq.search.evolution import EvolutionSettings, SearchResult, evolve, random_search
-from onnxq.search.graph import BLOCK_INPUT, LiftedScales, lift_activation_scales, suffix_model, with_outputs
-from onnxq.search.worker import BlockJob, candidate_scales, init_block_worker, score_candidate
+from onnxq.search.graph import (
+    BLOCK_INPUT,
+    BiasSource,
+    LiftedScales,
+    lift_activation_scales,
+    suffix_model,
+    with_outputs,
+)
+from onnxq.search.worker import BlockJob, candidate_scales, release_worker, score_candidate
 from onnxq.state import Observers, QuantState
 
 logger = logging.getLogger(__name__)
@@ -90,7 +99,7 @@ class EvolqSearch:
         settings = state.config.evolq
         search, selection = _split(state, settings.search_feeds, settings.selection_feeds)
         quantized = emit(state.model, state.plan, state.qparams, emit_options(state.config))
-        lifted = lift_activation_scales(quantized, state.plan)
+        lifted = lift_activation_scales(quantized, state.plan, bias_sources(state))
         blocks = [dataclasses.replace(b, groups=tuple(g for g in b.groups if g in lifted.inputs))
                   for b in partition(state.model, state.plan, settings.min_block_groups, settings.max_blocks)]
         blocks = [b for b in blocks if b.groups]
@@ -98,12 +107,14 @@ class EvolqSearch:
         per_block = max(settings.population, settings.budget // max(len(blocks) * settings.passes, 1))
         progress = state.stage_progress(self.name, len(blocks) * settings.passes)
         reports = []
-        for number in range(settings.passes):
-            for index, block in enumerate(blocks):
-                rng = np.random.default_rng([state.config.seed, number, index])
-                reports.append(runner.search(block, per_block, rng))
-                if progress is not None:
-                    progress(1)
+        with open_pool(state.config.executor, state.config.workers) as pool:
+            for number in range(settings.passes):
+                for index, block in enumerate(blocks):
+                    rng = np.random.default_rng([state.config.seed, number, index])
+                    reports.append(runner.search(pool, block, per_block, rng))
+                    if progress is not None:
+                        progress(1)
+        release_worker()  # the last block's session, when it was scored in this process
         for group, scale in runner.current.items():
             params = state.qparams.activations[group]
             factor = float(scale) / float(params.scale)
@@ -112,6 +123,21 @@ class EvolqSearch:
         state.reports["search"] = SearchReport(
             settings.loss.value, settings.scope.value, settings.strategy.value, state.config.seed,
             len(search), len(selection), tuple(reports), time.perf_counter() - start)
+
+
+def bias_sources(state: QuantState) -> dict[BiasQuant, BiasSource]:
+    """The float bias and weight scales the emitter rounds each bias from."""
+    weight_of = {spec.node: spec for spec in state.plan.weights}
+    sources = {}
+    for spec in state.plan.biases:
+        weight = weight_of.get(spec.node)
+        if weight is None or weight not in state.qparams.weights:
+            continue
+        bias = state.qparams.bias_values.get(spec)
+        if bias is None:
+            bias = state.model.graph.initializers[spec.tensor].const_value.numpy()
+        sources[spec] = BiasSource(np.asarray(bias), state.qparams.weights[weight].scale)
+    return sources
 
 
 def _split(state: QuantState, search: int, selection: int) -> tuple[list[Feed], list[Feed]]:
@@ -175,7 +201,8 @@ class _BlockRunner:
                         outputs, config.evolq.loss, scales,
                         tuple(self.lifted.inputs[g] for g in block.groups))
 
-    def search(self, block: Block, evaluations: int, rng: np.random.Generator) -> BlockReport:
+    def search(self, pool: WorkerPool, block: Block, evaluations: int,
+               rng: np.random.Generator) -> BlockReport:
         start = time.perf_counter()
         config, settings = self.state.config, self.state.config.evolq
         suffix = self._suffix(block)
@@ -183,9 +210,11 @@ class _BlockRunner:
         evolution = EvolutionSettings(settings.population, settings.elite, settings.tournament,
                                       settings.sigma, settings.final_sigma)
         search = evolve if settings.strategy is Strategy.EVOLUTION else random_search
-        with open_pool(config.executor, config.workers, init_block_worker, (job,)) as pool:
-            result = search(lambda candidates: np.array(pool.map(score_candidate, list(candidates))),
-                            len(block.groups), evaluations, evolution, rng)
+        handle = pool.share(job)
+        def score(candidates: np.ndarray) -> np.ndarray:
+            return np.array(pool.map(score_candidate, [(handle, c) for c in candidates]))
+
+        result = search(score, len(block.groups), evaluations, evolution, rng)
         before, after = self._selection_losses(block, suffix, result)
         kept = result.loss < result.start_loss and (before is None or after < before)
         if kept:
@@ -201,6 +230,6 @@ class _BlockRunner:
                           result: SearchResult) -> tuple[float | None, float | None]:
         if not self.feeds["selection"] or result.loss >= result.start_loss:
             return None, None
-        init_block_worker(self._job(block, suffix, "selection", 1))
-        return score_candidate(np.zeros(len(block.groups))), score_candidate(result.best)
+        handle = Shared.inline(self._job(block, suffix, "selection", 1))
+        return score_candidate((handle, np.zeros(len(block.groups)))), score_candidate((handle, result.best))
 
