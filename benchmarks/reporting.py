@@ -75,19 +75,20 @@ def markdown(report: dict[str, Any]) -> str:
     for name, model in report["models"].items():
         metrics = _metric_names(model)
         lines += [_model_intro(name, model)]
-        lines.append("| tool | " + " | ".join(metrics) + " | size | latency 1T | latency 2T | quant s "
-                     "| peak MB | integer kernels (ORT, optimized graph) |")
-        lines.append("|---|" + "---:|" * (len(metrics) + 5) + "---|")
+        lines.append("| tool | " + " | ".join(metrics) + " | calib. cosine | size | latency 1T | latency 2T "
+                     "| quant s | peak MB | integer kernels (ORT, optimized graph) |")
+        lines.append("|---|" + "---:|" * (len(metrics) + 6) + "---|")
         for row in model["rows"]:
             if "metrics" not in row:
                 failed = f"| {row['label']} | failed: {_cell(row['error'])} |"
-                lines.append(failed + " |" * (len(metrics) + 5))
+                lines.append(failed + " |" * (len(metrics) + 6))
                 continue
             values = " | ".join(f"{row['metrics'][m]:.4f}" for m in metrics)
             kernels = _kernels(row.get("integer_kernels"))
             if "error" in row:  # quantized and evaluated, but latency failed
                 kernels = f"{kernels}; {_cell(row['error'])}"
-            lines.append(f"| {row['label']} | {values} | {row['size_ratio']:.3f} | {_ratio(row, 1)} | "
+            lines.append(f"| {row['label']} | {values} | {_number(row, 'heldout_cosine', '{:.5f}')} | "
+                         f"{row['size_ratio']:.3f} | {_ratio(row, 1)} | "
                          f"{_ratio(row, 2)} | {_number(row, 'seconds', '{:.1f}')} | "
                          f"{_number(row, 'peak_rss_mb', '{:.0f}')} | {kernels} |")
         lines.append("")

@@ -58,6 +58,7 @@ def _options(**values: Any) -> tuple[tuple[str, Any], ...]:
 
 _ORT_HISTOGRAM = ("Entropy", "Percentile")
 PPOCR_EXCLUDE = ("p2o.Conv.1", "p2o.Conv.0", "p2o.Conv.7")  # onnxq compare --per-layer --top 3
+ABLATION_MODELS = frozenset({"ppocr_rec", "efficientnet_lite0"})
 MIXED_AVG_BITS = 4.0  # mean weight bits
 MIXED_SIZE_RATIOS = (0.15, 0.17, 0.20, 0.23)  # file size / float
 
@@ -74,6 +75,16 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("onnxq evolq", "onnxq", "onnxq", _options(search="evolq")),
     RowSpec("onnxq W4A8 comq + evolq", "onnxq", "onnxq",
             _options(weight_bits=4, weight_method="comq", search="evolq")),
+    # Evol-Q ablations, each one setting changed from the default search: random search with the
+    # same evaluations, the infoNCE and KL losses, the local (block output) loss.
+    *(RowSpec(f"onnxq evolq {label}", "onnxq", "onnxq", _options(search="evolq", evolq=table),
+              models=ABLATION_MODELS)
+      for label, table in (("random", {"strategy": "random"}), ("infonce", {"loss": "infonce"}),
+                           ("kl", {"loss": "kl"}), ("local", {"scope": "local"}))),
+    # Channel equalization of Conv activations (on by default) switched off, and without the
+    # dense Convs' share: what each part of it does.
+    RowSpec("onnxq no equalize", "onnxq", "onnxq", _options(equalize=False)),
+    RowSpec("onnxq equalize alpha 0", "onnxq", "onnxq", _options(equalize_alpha=0.0)),
     # PP-OCR loses most of its accuracy to 8-bit activations in three early Convs (found by
     # `onnxq compare --per-layer` on the W8A8 model); with those kept float, both weight
     # quantizers again, so their difference is the weights' alone.

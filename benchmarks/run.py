@@ -269,6 +269,7 @@ def run_model(name: str, rows: list[RowSpec], feeds: int, plan: LatencyPlan, wor
         record.update(quantize_isolated(spec, built.onnx_path, target, calib, name,
                                         logs / name / f"{slug}.log", limits))
         if "error" not in record:
+            record.update(calibration_side(target))
             try:
                 record["metrics"] = entry.evaluate(target, built)
                 record["file_bytes"] = model_file_bytes(target)
@@ -293,6 +294,32 @@ def run_model(name: str, rows: list[RowSpec], feeds: int, plan: LatencyPlan, wor
 
 
 # --- machine ---------------------------------------------------------------------------------------
+
+
+def calibration_side(target: Path) -> dict[str, Any]:
+    """From an onnxq card next to the model: its held-out fidelity on calibration feeds and,
+    after a scale search, the search's loss on its selection feeds before and after (the
+    calibration side of the calibration-vs-evaluation gap)."""
+    card_path = target.with_suffix(".card.json")
+    if not card_path.exists():
+        return {}
+    card = json.loads(card_path.read_text())
+    outputs = card.get("fidelity", {}).get("outputs", [])
+    found: dict[str, Any] = {}
+    if outputs:
+        found["heldout_cosine"] = min(o["cosine"] for o in outputs)
+    blocks = card.get("search", {}).get("blocks", [])
+    scored = [b for b in blocks if b.get("selection_before") is not None]
+    if blocks:  # global loss: each block starts from what the earlier ones kept
+        last = blocks[-1]
+        final = last["loss_after"] if last["kept"] else last["loss_before"]
+        found["search_loss"] = [blocks[0]["loss_before"], final]
+        found["blocks_kept"] = f"{sum(b['kept'] for b in blocks)}/{len(blocks)}"
+    if scored:
+        found["selection_loss"] = [scored[0]["selection_before"],
+                                   next((b["selection_after"] for b in reversed(scored) if b["kept"]),
+                                        scored[0]["selection_before"])]
+    return found
 
 
 def merged_rows(previous: dict[str, Any] | None, fresh: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ once per worker from model bytes; bad kinds and worker counts are one-line Confi
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -84,6 +85,20 @@ def test_two_local_processes_give_the_in_process_results_in_order(job, candidate
     _assert_identical(spawned, in_process)
     _assert_identical(spawned, expected)
     _assert_identical(again, expected[::-1])
+
+
+def test_a_shared_value_reaches_every_worker_once_per_job():
+    first, second = {"a": np.arange(5)}, {"a": np.arange(3) * 2.0}
+    with open_pool("local", 2) as pool:  # no initializer
+        handles = [pool.share(first), pool.share(second)]
+        folder = pool._folder
+        got = pool.map(executor.resolve, [handles[0]] * 4 + [handles[1]] * 4)
+        assert len(list(Path(folder).iterdir())) == 2
+    for value, expected_value in zip(got, [first] * 4 + [second] * 4, strict=True):
+        np.testing.assert_array_equal(value["a"], expected_value["a"])
+    assert not Path(folder).exists()  # the shared files go with the pool
+    with open_pool("local", 1) as pool:  # in process: the value itself, no copy
+        assert executor.resolve(pool.share(first)) is first
 
 
 def test_a_pool_is_an_executor(job, candidates, expected):
@@ -181,6 +196,9 @@ def test_ray_pool_gives_the_in_process_results(local_ray, job, candidates, expec
     with open_pool("ray", 2, init_session_worker, (job,)) as pool:
         got = pool.map(run_session_worker, candidates)
         assert pool.map(run_session_worker, []) == []
+        shared = pool.share({"a": np.arange(4)})  # through Ray's object store
+        for value in pool.map(executor.resolve, [shared] * 3):
+            np.testing.assert_array_equal(value["a"], np.arange(4))
     _assert_identical(got, expected)
     bad = SessionJob(model=b"not an onnx model", feeds=[], label="broken.onnx")
     with open_pool("ray", 2, init_session_worker, (bad,)) as pool:
