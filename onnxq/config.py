@@ -547,6 +547,9 @@ def _table(key: str, table_type: type, value: object) -> object:
         raise ConfigError(f"invalid [{key}] table: {error}") from None
 
 
+_BOOL_FIELDS = frozenset(f.name for f in dataclasses.fields(QuantConfig) if f.type in (bool, "bool"))
+
+
 def config_from_dict(values: dict[str, object]) -> QuantConfig:
     """Build a config from plain values (as TOML gives them); unknown keys are an error."""
     known = {f.name for f in dataclasses.fields(QuantConfig)}
@@ -568,6 +571,8 @@ def config_from_dict(values: dict[str, object]) -> QuantConfig:
             if not isinstance(value, list):
                 raise ConfigError(f"{key} must be a list")
             value = tuple(value)
+        elif key in _BOOL_FIELDS and not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
         kwargs[key] = value
     try:
         return QuantConfig(**kwargs)

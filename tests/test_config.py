@@ -44,6 +44,8 @@ def test_defaults_round_trip(tmp_path):
     ({"percentile": 20.0}, "percentile"),
     ({"holdout": -1}, "holdout"),
     ({"exclude": "Softmax"}, "exclude"),
+    ({"equalize_alpha": 1.5}, "equalize_alpha must be in"),
+    ({"equalize": "yes"}, "equalize"),
 ])
 def test_invalid_values_are_errors(values, message):
     with pytest.raises(ConfigError, match=message):
