@@ -145,8 +145,9 @@ def test_same_seed_gives_a_byte_identical_model():
 def _weight_arrays(model: onnx.ModelProto) -> dict[str, bytes]:
     """Codes, scales and zero points of the constant non-bias DequantizeLinear inputs (weights)."""
     initializers = {t.name: t for t in model.graph.initializer}
+    int32 = onnx.TensorProto.INT32
     names = [name for node in model.graph.node if node.op_type == "DequantizeLinear"
-             and node.input[0] in initializers and initializers[node.input[0]].data_type != onnx.TensorProto.INT32
+             and node.input[0] in initializers and initializers[node.input[0]].data_type != int32
              for name in node.input if name in initializers]
     return {name: initializers[name].SerializeToString() for name in names}
 
@@ -159,10 +160,11 @@ def _weight_arrays(model: onnx.ModelProto) -> dict[str, bytes]:
 def test_search_works_on_top_of_any_weight_searcher_and_leaves_the_weights(weights):
     feeds = small_cnn_feeds(40)
     evolq = EvolqConfig(budget=48, search_feeds=16, selection_feeds=8, sigma=0.1)
-    searched = onnxq.quantize(small_cnn(), feeds, QuantConfig(search=ScaleSearch.EVOLQ, evolq=evolq, **weights))
+    config = QuantConfig(search=ScaleSearch.EVOLQ, evolq=evolq, **weights)
+    searched = onnxq.quantize(small_cnn(), feeds, config)
     plain = onnxq.quantize(small_cnn(), feeds, QuantConfig(**weights))
     assert len(_weight_arrays(plain.model)) >= 9  # three layers: codes, scales, zero points
-    assert _weight_arrays(searched.model) == _weight_arrays(plain.model)  # weights as the searcher left them
+    assert _weight_arrays(searched.model) == _weight_arrays(plain.model)  # as the searcher left them
     blocks = searched.search.blocks
     assert blocks and all(b.loss_after <= b.loss_before for b in blocks)
     final = blocks[-1].loss_after if blocks[-1].kept else blocks[-1].loss_before
