@@ -55,3 +55,35 @@ def test_bias_correction_reduces_the_mean_output_error():
         diff = [quant_session.run(None, f)[0] - float_session.run(None, f)[0] for f in feeds]
         errors[enabled] = float(np.abs(np.mean(diff, axis=0)).mean())
     assert errors[True] < errors[False]
+
+
+def test_a_dead_channel_keeps_its_bias_instead_of_overflowing_int32():
+    """Channel 0 of conv1 has all-zero weights and a bias: its output is that bias everywhere.
+    At the smallest weight scale the bias overflows int32; the weight scale rises instead."""
+    import onnx
+    from onnx import numpy_helper
+
+    import onnxq
+    from graphs import small_cnn, small_cnn_feeds
+    from onnxq.config import QuantConfig
+
+    proto = small_cnn(batchnorm=False)
+    for index, tensor in enumerate(proto.graph.initializer):
+        array = numpy_helper.to_array(tensor).copy()
+        if tensor.name == "w1":
+            array[0] = 0.0
+        elif tensor.name == "b1":
+            array[0] = 0.75
+        else:
+            continue
+        proto.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, tensor.name))
+    result = onnxq.quantize(proto, small_cnn_feeds(24), QuantConfig(bias_correction=False))
+    initializers = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    dequantize = next(n for n in result.model.graph.node if n.op_type == "DequantizeLinear"
+                      and initializers.get(n.input[0]) is not None
+                      and initializers[n.input[0]].dtype == np.int32 and "b1" in n.input[0])
+    codes = initializers[dequantize.input[0]].astype(np.int64)
+    bias = codes * initializers[dequantize.input[1]]
+    assert np.abs(codes).max() < np.iinfo(np.int32).max // 8  # room left, nothing clipped
+    np.testing.assert_allclose(bias[0], 0.75, rtol=1e-6)
+    assert isinstance(result.model, onnx.ModelProto)

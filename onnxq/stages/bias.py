@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from onnxq import numerics
 from onnxq.calibration.bias_correction import (
     RunningChannelMean,
     conv_output_shift,
@@ -75,3 +76,54 @@ class BiasCorrection:
 
     def run(self, state: QuantState) -> None:
         state.qparams.bias_values = state.biases.corrected(state.plan, state.qparams.weights)
+        if fit_weight_scales_to_biases(state):  # the weights moved: correct their biases again
+            state.qparams.bias_values = state.biases.corrected(state.plan, state.qparams.weights)
+
+
+# A bias is stored as int32 codes at scale s_x * s_w. A dead output channel (weights ~0) gets a
+# tiny s_w, and its bias, however small, overflows int32 and is clipped: the channel's constant
+# output is lost. Such a channel's s_w is raised until its bias fits with this much room (a
+# scale search may still shrink s_x), and its codes are re-rounded at that scale.
+BIAS_HEADROOM = 16.0
+
+
+def fit_weight_scales_to_biases(state: QuantState) -> bool:
+    """Raise the weight scales of channels whose bias would overflow int32; True if any did."""
+    weight_of = {spec.node: spec for spec in state.plan.weights}
+    limit = numerics.INT32.qmax / BIAS_HEADROOM
+    changed = False
+    for spec in state.plan.biases:
+        weight_spec = weight_of.get(spec.node)
+        params = state.qparams.weights.get(weight_spec) if weight_spec is not None else None
+        if params is None or params.scale.ndim > 1:
+            continue
+        group = state.plan.group_of(spec.activation).stats_tensor
+        input_scale = float(state.qparams.activations[group].scale)
+        bias = state.qparams.bias_values.get(spec)
+        if bias is None:
+            bias = state.index.model.graph.initializers[spec.tensor].const_value.numpy()
+        needed = np.abs(np.asarray(bias, np.float64)).reshape(-1) / (input_scale * limit)
+        scale = np.broadcast_to(params.scale.astype(np.float64), needed.shape)
+        low = needed > scale
+        if not low.any():
+            continue
+        weight = state.index.node(spec.node).inputs[weight_spec.input_index].const_value.numpy()
+        state.qparams.weights[weight_spec] = _raised(params, weight, weight_spec,
+                                                     np.where(low, needed, scale))
+        changed = True
+    return changed
+
+
+def _raised(params: WeightParams, weight: np.ndarray, spec: WeightQuant,
+            scale: np.ndarray) -> WeightParams:
+    """`params` with `scale` (per channel), the codes of the channels whose scale rose re-rounded."""
+    new_scale = scale.astype(np.float32).reshape(params.scale.shape) if params.scale.ndim else \
+        np.float32(scale.max())
+    rounded = numerics.quantize(weight, new_scale, params.zero_point, spec.grid, spec.axis)
+    raised = np.asarray(new_scale != params.scale)
+    if spec.axis is not None and raised.ndim:
+        shape = [1] * weight.ndim
+        shape[spec.axis] = -1
+        raised = raised.reshape(shape)
+    codes = np.where(raised, rounded, params.codes).astype(params.codes.dtype)
+    return WeightParams(scale=np.asarray(new_scale, np.float32), zero_point=params.zero_point, codes=codes)
