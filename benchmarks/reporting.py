@@ -87,11 +87,12 @@ def markdown(report: dict[str, Any]) -> str:
             kernels = _kernels(row.get("integer_kernels"))
             if "error" in row:  # quantized and evaluated, but latency failed
                 kernels = f"{kernels}; {_cell(row['error'])}"
-            lines.append(f"| {row['label']} | {values} | {_number(row, 'heldout_cosine', '{:.5f}')} | "
+            lines.append(f"| {_label(row['label'], {name: model})} | {values} | "
+                         f"{_number(row, 'heldout_cosine', '{:.5f}')} | "
                          f"{row['size_ratio']:.3f} | {_ratio(row, 1)} | "
                          f"{_ratio(row, 2)} | {_number(row, 'seconds', '{:.1f}')} | "
                          f"{_number(row, 'peak_rss_mb', '{:.0f}')} | {kernels} |")
-        lines.append("")
+        lines.append(_earlier_note({name: model}))
     return "\n".join(lines)
 
 
@@ -132,8 +133,31 @@ def summary(report: dict[str, Any]) -> str:
             else:
                 cells.append(f"{row['metrics'][model['primary_metric']]:.3f} · {row['size_ratio']:.2f} · "
                              f"{_ratio(row, 1)} / {_ratio(row, 2)} · {_number(row, 'seconds', '{:.1f}')} s")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {_label(label, models)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + _earlier_note(models)
+
+
+def _earlier_runs(models: dict[str, Any]) -> dict[str, set[str]]:
+    """label -> dates of the earlier runs its rows come from (rows kept by --merge)."""
+    runs: dict[str, set[str]] = {}
+    for model in models.values():
+        for row in model["rows"]:
+            if row.get("earlier_run"):
+                runs.setdefault(row["label"], set()).add(row["earlier_run"][:10])
+    return runs
+
+
+def _label(label: str, models: dict[str, Any]) -> str:
+    return f"{label} ‡" if label in _earlier_runs(models) else label
+
+
+def _earlier_note(models: dict[str, Any]) -> str:
+    runs = _earlier_runs(models)
+    if not runs:
+        return ""
+    dates = ", ".join(sorted(set().union(*runs.values())))
+    return (f"\n‡ kept from an earlier run ({dates}; see that run's machine and code in git history): "
+            f"not re-run with this run's code, and its latency ratios are from that run.\n")
 
 
 def _styles(report: dict[str, Any]) -> dict[str, tuple[str, str]]:

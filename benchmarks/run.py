@@ -324,10 +324,12 @@ def calibration_side(target: Path) -> dict[str, Any]:
 
 def merged_rows(previous: dict[str, Any] | None, fresh: dict[str, Any]) -> dict[str, Any]:
     """A model's fresh results, keeping the previous rows that were not re-run (--merge) and
-    still exist, in the order of ROWS."""
+    still exist, in the order of ROWS; a kept row is marked with the date of the run that made
+    it (`earlier_run`: its latency ratios were measured against that run's float model)."""
     if not previous:
         return fresh
-    rows = {row["label"]: row for row in previous["rows"] if row["label"] in ROW_BY_LABEL}
+    rows = {row["label"]: {**row, "earlier_run": row.get("earlier_run", previous.get("date"))}
+            for row in previous["rows"] if row["label"] in ROW_BY_LABEL}
     rows.update({row["label"]: row for row in fresh["rows"]})
     order = {label: index for index, label in enumerate(["float", *ROW_BY_LABEL])}
     fresh["rows"] = sorted(rows.values(), key=lambda row: order.get(row["label"], len(order)))
