@@ -264,3 +264,16 @@ def test_integer_kernels_are_real_ort_ops(quantized):
     registered = {schema.name for schema in schemas}
     assert INTEGER_KERNELS <= registered, sorted(INTEGER_KERNELS - registered)
     assert optimized_op_counts(quantized).get("QLinearConv", 0) >= 1
+
+
+def test_damage_of_feature_maps_of_varying_width_pools_channel_vectors():
+    from onnxq.scoring.damage import output_damage
+
+    rng = np.random.default_rng(0)
+    reference = [[rng.normal(size=(1, 4, 3, width))] for width in (5, 7)]
+    quantized = [[feed[0] + 0.01 * rng.normal(size=feed[0].shape)] for feed in reference]
+    mse = output_damage("mse", reference, quantized)
+    energy = sum(float(np.sum(f[0] ** 2)) for f in reference)
+    noise = sum(float(np.sum((q[0] - f[0]) ** 2)) for f, q in zip(reference, quantized, strict=True))
+    assert mse == pytest.approx(noise / energy, rel=1e-9)
+    assert output_damage("kl", reference, reference) == pytest.approx(0.0, abs=1e-12)

@@ -44,9 +44,13 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _rows(outputs: Outputs, index: int) -> np.ndarray:
-    return np.concatenate([np.asarray(feed[index], np.float64).reshape(-1, feed[index].shape[-1])
-                           if feed[index].ndim else np.asarray(feed[index], np.float64).reshape(1, 1)
-                           for feed in outputs])
+    """Output `index` of every feed as rows over its last axis. Where that axis differs between
+    feeds (an NCHW feature map of varying width, e.g. a block output of a text recognizer), the
+    rows are the channel vectors (axis 1) instead."""
+    arrays = [np.asarray(feed[index], np.float64) for feed in outputs]
+    if len({a.shape[-1] for a in arrays if a.ndim}) > 1 and all(a.ndim >= 3 for a in arrays):
+        arrays = [np.moveaxis(a, 1, -1) for a in arrays]
+    return np.concatenate([a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1) for a in arrays])
 
 
 def _mse(reference: np.ndarray, quantized: np.ndarray) -> float:
