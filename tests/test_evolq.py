@@ -206,3 +206,16 @@ def test_bad_search_flags_are_one_line_errors(tmp_path, flags):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("onnxq: error:"), done.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_suffix_starting_at_an_untyped_value_loads():
+    """A value made by a pass after shape inference (SmoothQuant's Mul) has no type; a block
+    starting there is fed as a float input (MiniLM's search model failed to load before)."""
+    model = model_io.to_ir(small_cnn())
+    start = next(v for node in model.graph if node.op_type == "MaxPool" for v in node.outputs)
+    start.type = None
+    suffix = suffix_model(model, start.name, None)
+    session = ort.InferenceSession(model_io.to_proto(suffix).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    block_input = next(i for i in session.get_inputs() if i.name == BLOCK_INPUT)
+    assert block_input.type == "tensor(float)"

@@ -141,7 +141,10 @@ def suffix_model(model: ir.Model, start: str | None, end: str | None) -> ir.Mode
         graph.outputs.append(values[end])
     if start is not None:
         source = values[start]
-        fed = ir.Value(name=BLOCK_INPUT, shape=source.shape, type=source.type)
+        # a value made by a pass after shape inference (e.g. SmoothQuant's Mul) has no type
+        # yet: activations are float
+        fed = ir.Value(name=BLOCK_INPUT, shape=source.shape,
+                       type=source.type or ir.TensorType(ir.DataType.FLOAT))
         graph.inputs.append(fed)
         source.replace_all_uses_with(fed)
     RemoveUnusedNodesPass()(copy)
