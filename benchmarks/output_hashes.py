@@ -9,8 +9,8 @@ comparing after:
 Models: the bundled digit CNN and every zoo model (built into the zoo cache if needed); settings:
 the default config, `--method comq --weight-bits 4` and `--avg-bits 4`, each with
 `--no-reduce-range` (so that the hashes do not depend on the CPU's VNNI). The recorded hashes
-are of 2026-11-29 (channel equalization and the dead-channel bias fit included). Each run is a fresh `onnxq quantize` process. Only the model file is
-hashed: its card holds timings.
+are of 2026-11-29 (channel equalization and the dead-channel bias fit included). Each run is a
+fresh `onnxq quantize` process. Only the model file is hashed: its card holds timings.
 """
 
 from __future__ import annotations
