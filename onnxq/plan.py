@@ -74,6 +74,10 @@ class QuantPlan:
         weights = [spec.at_bits(bits[spec.node]) if spec.node in bits else spec for spec in self.weights]
         return dataclasses.replace(self, weights=weights)
 
+    def weight_of(self, node: str) -> WeightQuant | None:
+        """The quantized weight of the named layer, if it has one."""
+        return next((spec for spec in self.weights if spec.node == node), None)
+
     def group_of(self, tensor: str) -> ActivationGroup:
         for group in self.activation_groups:
             if tensor in group.tensors:

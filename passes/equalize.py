@@ -137,15 +137,17 @@ def _consumer_edits(value: ir.Value, rank: int, channels: int, dense: bool = Fal
     return edits
 
 
-def _edits_for(value: ir.Value, channels: int, dense: bool = False) -> list[_Edit] | None:
+def _edits_for(value: ir.Value, channels: int, dense: bool,
+               skip_nodes: frozenset[str]) -> list[_Edit] | None:
     rank = len(value.shape) if value.shape is not None else 0
     if rank < 3 or value.dtype != ir.DataType.FLOAT:
         return None
     producer = _producer_edits(value, rank)
     consumer = _consumer_edits(value, rank, channels, dense) if producer is not None else None
-    if consumer is None or not any(edit.role in _CONV_ROLES for edit in producer + consumer):
+    edits = producer + consumer if consumer is not None else []
+    if not any(edit.role in _CONV_ROLES for edit in edits):
         return None  # a Conv on one side: axis 1 is its channels
-    return producer + consumer
+    return None if any(edit.node.name in skip_nodes for edit in edits) else edits
 
 
 def _float_activations(graph: ir.Graph) -> Iterator[ir.Value]:
@@ -164,8 +166,7 @@ def equalization_candidates(model: ir.Model, skip_nodes: frozenset[str] = frozen
         channel_dim = value.shape[1]
         if not isinstance(channel_dim, int) or channel_dim < 2:
             continue
-        edits = _edits_for(value, channel_dim, dense)
-        if edits is not None and not any(edit.node.name in skip_nodes for edit in edits):
+        if _edits_for(value, channel_dim, dense, skip_nodes) is not None:
             names.append(value.name)
     return names
 
@@ -196,8 +197,8 @@ class EqualizeChannelsPass(ir.passes.InPlacePass):
             absmax = self.channel_absmax.get(value.name)
             if absmax is None or absmax.ndim != 1:
                 continue
-            edits = _edits_for(value, absmax.size, self.dense_alpha is not None)
-            if edits is None or any(edit.node.name in self.skip_nodes for edit in edits):
+            edits = _edits_for(value, absmax.size, self.dense_alpha is not None, self.skip_nodes)
+            if edits is None:
                 continue
             factor = _factor(absmax, edits, self.dense_alpha)
             if np.allclose(factor, 1.0):

@@ -87,22 +87,27 @@ class BiasCorrection:
 BIAS_HEADROOM = 16.0
 
 
+def float_bias(state: QuantState, spec: BiasQuant) -> np.ndarray:
+    """The bias the emitter rounds to int32: corrected where bias correction ran, else the
+    model's own."""
+    bias = state.qparams.bias_values.get(spec)
+    if bias is None:
+        bias = state.model.graph.initializers[spec.tensor].const_value.numpy()
+    return np.asarray(bias)
+
+
 def fit_weight_scales_to_biases(state: QuantState) -> bool:
     """Raise the weight scales of channels whose bias would overflow int32; True if any did."""
-    weight_of = {spec.node: spec for spec in state.plan.weights}
     limit = numerics.INT32.qmax / BIAS_HEADROOM
     changed = False
     for spec in state.plan.biases:
-        weight_spec = weight_of.get(spec.node)
+        weight_spec = state.plan.weight_of(spec.node)
         params = state.qparams.weights.get(weight_spec) if weight_spec is not None else None
         if params is None or params.scale.ndim > 1:
             continue
         group = state.plan.group_of(spec.activation).stats_tensor
         input_scale = float(state.qparams.activations[group].scale)
-        bias = state.qparams.bias_values.get(spec)
-        if bias is None:
-            bias = state.index.model.graph.initializers[spec.tensor].const_value.numpy()
-        needed = np.abs(np.asarray(bias, np.float64)).reshape(-1) / (input_scale * limit)
+        needed = np.abs(float_bias(state, spec).astype(np.float64)).reshape(-1) / (input_scale * limit)
         scale = np.broadcast_to(params.scale.astype(np.float64), needed.shape)
         low = needed > scale
         if not low.any():

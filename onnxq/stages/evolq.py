@@ -47,6 +47,7 @@ from onnxq.search.graph import (
     with_outputs,
 )
 from onnxq.search.worker import BlockJob, candidate_scales, release_worker, score_candidate
+from onnxq.stages.bias import float_bias
 from onnxq.state import Observers, QuantState
 
 logger = logging.getLogger(__name__)
@@ -127,16 +128,11 @@ class EvolqSearch:
 
 def bias_sources(state: QuantState) -> dict[BiasQuant, BiasSource]:
     """The float bias and weight scales the emitter rounds each bias from."""
-    weight_of = {spec.node: spec for spec in state.plan.weights}
     sources = {}
     for spec in state.plan.biases:
-        weight = weight_of.get(spec.node)
-        if weight is None or weight not in state.qparams.weights:
-            continue
-        bias = state.qparams.bias_values.get(spec)
-        if bias is None:
-            bias = state.model.graph.initializers[spec.tensor].const_value.numpy()
-        sources[spec] = BiasSource(np.asarray(bias), state.qparams.weights[weight].scale)
+        weight = state.plan.weight_of(spec.node)
+        if weight is not None and weight in state.qparams.weights:
+            sources[spec] = BiasSource(float_bias(state, spec), state.qparams.weights[weight].scale)
     return sources
 
 
