@@ -60,7 +60,8 @@ def quantize(
         fidelity=state.reports["fidelity"], calibration_feeds=len(state.calibration),
         float_bytes=state.float_bytes, quantized_bytes=state.quantized.ByteSize(),
         searched_layers=state.weights.searched_layers, seconds=state.seconds, source=state.source,
-        allocation=state.reports.get("allocation"), search=state.reports.get("search"))
+        allocation=state.reports.get("allocation"), search=state.reports.get("search"),
+        provenance=state.provenance)
 
 
 def stages_for(state: QuantState) -> list[Stage]:

@@ -20,6 +20,7 @@ from onnxq.config import QuantConfig, config_to_dict
 from onnxq.plan import QuantPlan
 from onnxq.qparams import QParams
 from onnxq.report.card import card_paths, write_card
+from onnxq.report.provenance import Provenance, model_digest
 from onnxq.scoring.fidelity import FidelityReport
 from onnxq.stages.evolq import SearchReport
 
@@ -45,6 +46,7 @@ class QuantResult:
     source: str | None = None
     allocation: AllocationReport | None = None
     search: SearchReport | None = None
+    provenance: Provenance | None = None
 
     def save(self, path: str | Path, card: bool = True) -> Path:
         """Write the model atomically, and its quantization card beside it (OUT.card.json and
@@ -52,9 +54,9 @@ class QuantResult:
         path = model_io.check_output_path(self.source, path)
         for card_path in card_paths(path) if card else ():
             model_io.check_output_path(self.source, card_path)
-        model_io.save_model_atomic(self.model, path)
+        model_io.save_model_atomic(self.model, path, external_data=model_io.has_external_data(self.source))
         if card:
-            write_card(self, path)
+            write_card(self, path, model_digest(path))
         return path
 
     def layer_bytes(self) -> dict[str, int]:

@@ -33,6 +33,7 @@ from onnxq.data import CalibrationSet
 from onnxq.index import ModelIndex
 from onnxq.plan import QuantPlan
 from onnxq.qparams import QParams
+from onnxq.report.provenance import Provenance
 from onnxq.scoring.scorer import Scorer
 
 # Called as progress(stage, advance, total).
@@ -51,6 +52,7 @@ class QuantState:
     float_session: object  # the float model in ORT (the reference every fidelity is measured on)
     calibration: CalibrationSet
     held_out: CalibrationSet
+    provenance: Provenance | None = None  # the float model's and the data's digests, versions
     progress: ProgressCallback | None = None
     model: ir.Model | None = None  # the prepared float model
     index: ModelIndex | None = None
@@ -66,7 +68,7 @@ class QuantState:
 
     @property
     def float_bytes(self) -> int:
-        return self.float_model.ByteSize()
+        return model_io.serialized_size(self.float_model)  # ByteSize fails past 2 GB
 
     @property
     def fidelity_feeds(self) -> CalibrationSet:

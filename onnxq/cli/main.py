@@ -24,6 +24,7 @@ from rich.table import Table
 from onnxq import model_io
 from onnxq.api import QuantResult, quantize
 from onnxq.cli.bench import bench
+from onnxq.cli.check import check
 from onnxq.cli.compare import compare
 from onnxq.cli.support import OneLineCommand, OneLineGroup, reports_errors
 from onnxq.config import (
@@ -270,4 +271,5 @@ def _print_summary(summary: dict) -> None:
 
 
 main.add_command(bench)
+main.add_command(check)
 main.add_command(compare)

@@ -282,6 +282,19 @@ def benchmark_model(model_path: Path, feed: Mapping[str, np.ndarray], settings: 
         threads=settings.threads, integer_kernels=dict(sorted(kernels.items())))
 
 
+def alternating_p50_ms(model_paths: Sequence[Path], feed: Feed, settings: BenchSettings,
+                       rounds: int) -> list[float]:
+    """p50 latency (ms) of each model, timed in `rounds` alternating rounds of `settings.runs`
+    runs each, so that a shared machine's drift reaches every model alike."""
+    session_settings = _session_settings(settings)
+    opened = [_open_session(Path(path), session_settings) for path in model_paths]
+    times: list[list[np.ndarray]] = [[] for _ in opened]
+    for _ in range(rounds):
+        for index, session in enumerate(opened):
+            times[index].append(_timed_runs(session, feed, settings, Path(model_paths[index])))
+    return [float(np.median(np.concatenate(t))) * 1e3 for t in times]
+
+
 def _session_settings(settings: BenchSettings) -> SessionSettings:
     """All optimizations, `threads` intra-op threads, one inter-op thread (sequential
     execution), ORT's log quiet (failures come back as exceptions, reported as one line)."""

@@ -3,7 +3,10 @@
 `OUT.card.json` (for tools) and `OUT.card.md` (for people) hold, per quantized layer, its
 weight bits, granularity, symmetry, method, measured sensitivity (when bits were allocated)
 and bytes on disk; what stayed float and why; the calibration data and method; the budget and
-how much of it was used; and the fidelity measured against float on held-out feeds.
+how much of it was used; the fidelity measured against float on held-out feeds; the full
+config; and the provenance of the model (onnxq.report.provenance): digests of the float model,
+the calibration data and the written model, and the library versions. The same inputs, config,
+seed and versions give the same card byte for byte: timings stay in the run's summary.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from typing import Any, Protocol
 
 from onnxq import model_io
 from onnxq.bits.allocation import AllocationReport
-from onnxq.config import QuantConfig
+from onnxq.config import QuantConfig, config_to_dict
 from onnxq.plan import QuantPlan
 from onnxq.qparams import QParams
+from onnxq.report.provenance import ModelDigest, Provenance
 from onnxq.scoring.fidelity import FidelityReport
 
 
@@ -34,6 +38,7 @@ class QuantResult(Protocol):
     source: str | None
     allocation: AllocationReport | None
     search: object | None  # onnxq.stages.evolq.SearchReport
+    provenance: Provenance | None
 
     def layer_bytes(self) -> dict[str, int]: ...
 
@@ -47,8 +52,12 @@ def card_paths(output: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".card.json"), stem.with_name(stem.name + ".card.md")
 
 
-def quantization_card(result: QuantResult) -> dict[str, Any]:
-    """The card as plain data."""
+CARD_VERSION = 2
+
+
+def quantization_card(result: QuantResult, written: ModelDigest | None = None,
+                      model_file: str | None = None) -> dict[str, Any]:
+    """The card as plain data; `written` is the digest of the model file as written."""
     allocation = {layer.layer: layer for layer in result.allocation.layers} if result.allocation else {}
     layer_bytes = result.layer_bytes()
     method = result.config.weight_method.value
@@ -70,6 +79,7 @@ def quantization_card(result: QuantResult) -> dict[str, Any]:
             "bytes": layer_bytes.get(spec.node),
         })
     card: dict[str, Any] = {
+        "card_version": CARD_VERSION,
         "source": result.source,
         "calibration": {"feeds": result.calibration_feeds, "held_out": result.fidelity.feeds,
                         "activation_method": result.config.method.value,
@@ -83,7 +93,12 @@ def quantization_card(result: QuantResult) -> dict[str, Any]:
         "size": {"float_bytes": result.float_bytes, "quantized_bytes": result.quantized_bytes,
                  "ratio": result.quantized_bytes / result.float_bytes if result.float_bytes else None},
         "fidelity": result.summary()["fidelity"],
+        "config": config_to_dict(result.config),
     }
+    if result.provenance is not None or written is not None:
+        card["provenance"] = {
+            **(result.provenance.to_dict() if result.provenance is not None else {}),
+            **({"model": {"file": model_file, **written.to_dict()}} if written is not None else {})}
     if result.search is not None:
         search = result.search
         card["search"] = {
@@ -99,7 +114,7 @@ def quantization_card(result: QuantResult) -> dict[str, Any]:
         card["allocation"] = {"budget": report.budget, "limit": report.limit, "used": report.used,
                               "measure": report.measure, "allocator": report.allocator,
                               "average_bits": report.average_bits,
-                              "feeds": report.feeds, "seconds": round(report.seconds, 2),
+                              "feeds": report.feeds,
                               "max_drop_steps": [list(step) for step in report.steps]}
     return card
 
@@ -127,6 +142,7 @@ def card_markdown(card: dict[str, Any]) -> str:
                      f"{search['search_feeds']} calibration feeds, {kept} of {len(search['blocks'])} "
                      f"blocks changed (each kept only if it also improved {search['selection_feeds']} "
                      f"other calibration feeds)")
+    lines += _provenance_lines(card.get("provenance"))
     lines += ["", "## Fidelity", "", "| output | cosine | min cosine | SQNR dB | top-1 agree |",
               "|---|---|---|---|---|"]
     for output in card["fidelity"]["outputs"]:
@@ -147,10 +163,28 @@ def card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(result: QuantResult, output: str | Path) -> tuple[Path, Path]:
-    """Write OUT.card.json and OUT.card.md atomically; returns their paths."""
+def _provenance_lines(provenance: dict[str, Any] | None) -> list[str]:
+    if not provenance:
+        return []
+    lines = []
+    if "model" in provenance:
+        lines.append(f"- model file {provenance['model']['file']}: sha256 {provenance['model']['sha256']}")
+    if "float_model" in provenance:
+        lines.append(f"- float model: sha256 {provenance['float_model']['sha256']}")
+    if "calibration" in provenance:
+        calibration = provenance["calibration"]
+        lines.append(f"- calibration data ({calibration['origin']}): content sha256 {calibration['sha256']}")
+    if "versions" in provenance:
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()))
+    return lines
+
+
+def write_card(result: QuantResult, output: str | Path,
+               written: ModelDigest | None = None) -> tuple[Path, Path]:
+    """Write OUT.card.json and OUT.card.md atomically; returns their paths. `written`: the
+    digest of the model file at OUT, recorded so that `onnxq check --card` can match it."""
     json_path, markdown_path = card_paths(output)
-    card = quantization_card(result)
+    card = quantization_card(result, written, Path(output).name)
     model_io.write_text_atomic(json_path, json.dumps(card, indent=2, default=_plain) + "\n")
     model_io.write_text_atomic(markdown_path, card_markdown(card))
     return json_path, markdown_path

@@ -135,7 +135,7 @@ def _load_pair(float_path: str | Path, quantized_path: str | Path, data: object,
                max_feeds: int | None) -> tuple[onnx.ModelProto, onnx.ModelProto, list[Feed]]:
     float_proto = model_io.load_model(float_path)
     quant_proto = model_io.load_model(quantized_path)
-    _check_same_interface(float_proto, quant_proto)
+    check_same_interface(float_proto, quant_proto)
     feeds = open_calibration(data, float_proto)
     count = len(feeds) if max_feeds is None else min(len(feeds), max_feeds)
     return float_proto, quant_proto, [feeds.feed(i) for i in range(count)]
@@ -145,7 +145,7 @@ def _graph_inputs(proto: onnx.ModelProto) -> list[str]:
     return [spec.name for spec in model_input_specs(proto)]
 
 
-def _check_same_interface(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto) -> None:
+def check_same_interface(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto) -> None:
     for kind, a, b in (("inputs", _graph_inputs(float_proto), _graph_inputs(quant_proto)),
                        ("outputs", [v.name for v in float_proto.graph.output],
                         [v.name for v in quant_proto.graph.output])):

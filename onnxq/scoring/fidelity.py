@@ -51,7 +51,11 @@ class FidelityReport:
 
 
 def _looks_like_scores(array: np.ndarray) -> bool:
-    return array.ndim >= 2 and array.shape[-1] > 1
+    """Class scores per sample (N, C) or per step of a sequence (N, T, C): the last axis is a
+    class axis only there. An image-like output (N, C, H, W), such as a one-channel heatmap,
+    has none: an argmax along its width would measure nothing (cosine over the whole tensor
+    does)."""
+    return array.ndim in (2, 3) and array.shape[-1] > 1
 
 
 def measure_fidelity(float_session: ort.InferenceSession, quant_session: ort.InferenceSession,

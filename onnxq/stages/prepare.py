@@ -26,6 +26,7 @@ from onnxq.passes import INT4_MIN_OPSET, QDQ_MIN_OPSET, prepare
 from onnxq.passes.annotate import annotate, excluded_nodes
 from onnxq.passes.equalize import EqualizeChannelsPass, equalization_candidates
 from onnxq.passes.smooth import SmoothMatMulInputsPass, smoothing_candidates
+from onnxq.report.provenance import source_provenance
 from onnxq.scoring.scorer import Scorer
 from onnxq.scoring.sessions import SessionSettings
 from onnxq.state import ProgressCallback, QuantState
@@ -40,12 +41,13 @@ def load_state(model: ModelSource, calib: object, config: QuantConfig,
     scorer = Scorer(SessionSettings(provider=config.provider))
     float_session = scorer.reference(proto)
     feeds = open_calibration(calib, proto)
+    provenance = source_provenance(source, proto, feeds, feeds.origin)
     if config.max_feeds is not None and len(feeds) > config.max_feeds:
         feeds = feeds.subset(range(config.max_feeds))
     calibration, held_out = feeds.split(config.holdout, np.random.default_rng(config.seed))
     return QuantState(config=config, float_model=proto, source=source, scorer=scorer,
                       float_session=float_session, calibration=calibration, held_out=held_out,
-                      progress=progress)
+                      provenance=provenance, progress=progress)
 
 
 def prepare_state(state: QuantState) -> None:
