@@ -197,7 +197,14 @@ class EvolqConfig:
         elite: best candidates kept unchanged into the next generation.
         tournament: candidates drawn per tournament (selection of each parent).
         sigma: initial mutation step in log-scale (0.05: scales move by about 5%).
-        final_sigma: the step shrinks geometrically to this over a block's generations.
+        final_sigma: the step shrinks geometrically to this over a block's generations; equal
+            to sigma (the default) keeps it constant. Chosen on calibration data: with about 38
+            evaluations per block, a step shrinking to 0.005 refined around an early incumbent
+            and random search at a constant 0.05 beat it on the selection feeds of PP-OCRv4 (MSE
+            0.0134 against 0.0163) and the digit CNN (2.85e-5 against 3.67e-5); evolution at a
+            constant 0.05 beat both on PP-OCRv4 (0.0129) and the shrinking step on the digits
+            (3.03e-5). A step halved after each generation that found nothing better did worse
+            on both (0.0200; 3.85e-5).
         loss: mse (default), infonce (contrastive across the batch, as in Evol-Q) or kl on the
             outputs. Chosen on calibration data alone: with infoNCE (32 search feeds) every
             block's best candidate on EfficientNet-Lite0 W8A8 raised the loss on the selection
@@ -218,7 +225,7 @@ class EvolqConfig:
     elite: int = 2
     tournament: int = 3
     sigma: float = 0.05
-    final_sigma: float = 0.005
+    final_sigma: float = 0.05
     loss: DamageMeasure = DamageMeasure.MSE
     scope: LossScope = LossScope.GLOBAL
     strategy: Strategy = Strategy.EVOLUTION

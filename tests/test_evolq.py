@@ -49,7 +49,7 @@ def test_evolution_finds_a_known_optimum_and_beats_random_search():
         bowl = ((candidates - optimum) ** 2).sum(axis=1)
         return bowl + jagged[(np.abs(candidates).sum(axis=1) * 1e3).astype(int) % 64]
 
-    settings = EvolutionSettings()
+    settings = EvolutionSettings(final_sigma=0.005)  # a long budget: a shrinking step refines
     evolved = evolve(loss, 6, 400, settings, np.random.default_rng(1))
     sampled = random_search(loss, 6, 400, settings, np.random.default_rng(1))
     assert evolved.evaluations <= 400 and sampled.evaluations == 400

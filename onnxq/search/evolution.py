@@ -34,7 +34,7 @@ class EvolutionSettings:
     elite: int = 2
     tournament: int = 3
     sigma: float = 0.05
-    final_sigma: float = 0.005
+    final_sigma: float = 0.05  # equal to sigma: a constant step
 
 
 @dataclass(frozen=True)
