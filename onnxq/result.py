@@ -54,7 +54,7 @@ class QuantResult:
         path = model_io.check_output_path(self.source, path)
         for card_path in card_paths(path) if card else ():
             model_io.check_output_path(self.source, card_path)
-        model_io.save_model_atomic(self.model, path)
+        model_io.save_model_atomic(self.model, path, external_data=model_io.has_external_data(self.source))
         if card:
             write_card(self, path, model_digest(path))
         return path

@@ -68,7 +68,7 @@ class QuantState:
 
     @property
     def float_bytes(self) -> int:
-        return self.float_model.ByteSize()
+        return model_io.serialized_size(self.float_model)  # ByteSize fails past 2 GB
 
     @property
     def fidelity_feeds(self) -> CalibrationSet:

@@ -7,8 +7,10 @@ One place means one set of options (`SessionSettings`: threads, provider, optimi
 session config entries), one wording of load and run failures, and one answer to protobuf's
 2 GB limit: a model whose serialized size would pass `EXTERNAL_DATA_THRESHOLD` is written to a
 temporary folder with its tensors in an external-data file and opened by path (an in-memory
-model that large cannot be serialized: 'EncodeError: Failed to serialize proto'). The folder
-lives as long as the session (ORT may map the data file rather than copy it).
+model that large cannot be serialized: 'EncodeError: Failed to serialize proto'). It is written
+tensor by tensor without copying the model (`model_io.save_with_external_data`), and its size is
+estimated without `ByteSize` (which serializes the whole message, then fails at 2 GB). The
+folder lives as long as the session (ORT may map the data file rather than copy it).
 
 Providers are named "cpu" and "cuda"; one that this onnxruntime build lacks is a `ConfigError`
 when the settings are made, and a session in which ORT fell back to another provider (CUDA
@@ -28,7 +30,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from google.protobuf.message import EncodeError
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from onnxq import model_io
@@ -39,8 +40,7 @@ logger = logging.getLogger(__name__)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Past this serialized size a model goes to ORT through a file with external data (protobuf
 # refuses to serialize a message of 2 GB or more; the margin covers the estimate's error).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-_PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = model_io.EXTERNAL_DATA_THRESHOLD
 _EXTERNAL_DATA_NAME = "model.onnx.data"
 _ORT_RUN_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException,
                    ort_state.NotImplemented, ort_state.EPFail)
@@ -120,16 +120,13 @@ def tidy_line(error: Exception) -> str:
 
 
 def estimated_bytes(model: Model) -> int:
-    """The model's serialized size: exact for protos and bytes (a proto protobuf cannot size
-    counts as 2 GB), the initializers' bytes (all graphs) for an onnx_ir model; 0 for a path
-    (opened as it is)."""
+    """The model's serialized size: exact for bytes and protos up to the limit, the inline
+    tensors' bytes for a proto past it (`model_io.serialized_size`), the initializers' bytes (all
+    graphs) for an onnx_ir model; 0 for a path (opened as it is)."""
     if isinstance(model, bytes):
         return len(model)
     if isinstance(model, onnx.ModelProto):
-        try:
-            return model.ByteSize()
-        except EncodeError:  # protobuf's C implementation refuses to size a message past 2 GB
-            return _PROTOBUF_LIMIT
+        return model_io.serialized_size(model)
     if isinstance(model, ir.Model):
         return sum(value.const_value.nbytes for graph in model.graphs()
                    for value in graph.initializers.values() if value.const_value is not None)
@@ -184,22 +181,9 @@ def open_session(model: Model, label: str, settings: SessionSettings | None = No
 
 def _write_external(model: onnx.ModelProto | ir.Model, folder: Path) -> Path:
     """The model as `folder`/model.onnx with its tensors in `folder`/model.onnx.data."""
-    path = folder / "model.onnx"
     logger.info("model of about %d bytes: opened through external data in %s",
                 estimated_bytes(model), folder)
-    if isinstance(model, ir.Model):
-        ir_version = model.ir_version
-        model.ir_version = min(ir_version, model_io.MAX_IR_VERSION)
-        try:
-            ir.save(model, path, external_data=_EXTERNAL_DATA_NAME)
-        finally:
-            model.ir_version = ir_version
-        return path
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # onnx.save_model moves the tensors of the proto it saves out of it
-    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=_EXTERNAL_DATA_NAME, size_threshold=1024)
-    return path
+    return model_io.save_with_external_data(model, folder / "model.onnx", _EXTERNAL_DATA_NAME)
 
 
 def run(session: ort.InferenceSession, names: Sequence[str] | None, feed: Feed,
