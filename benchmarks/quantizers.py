@@ -112,6 +112,16 @@ def onnxq_quantize(source: Path, target: Path, calib_dir: Path, model: str, **op
     onnxq.quantize(source, calib_dir, config).save(target)
 
 
+def onnxq_no_data(source: Path, target: Path, calib_dir: Path, model: str, **options: Any) -> None:
+    """`onnxq.quantize` without calibration data (`activations = "dynamic"`, what runs without
+    it): the calibration feeds are not read, as ORT's `quantize_dynamic` reads none."""
+    import onnxq
+    from onnxq.config import config_from_dict, config_to_dict
+
+    config = config_from_dict({**config_to_dict(onnxq.QuantConfig()), "activations": "dynamic", **options})
+    onnxq.quantize(source, None, config).save(target)
+
+
 # --- ONNX Runtime ----------------------------------------------------------------------------
 
 
@@ -200,6 +210,7 @@ _PEER_IMPORTS = ("numpy", "onnx", "onnx.version_converter", "onnx_ir", "onnx_ir.
 
 QUANTIZERS: dict[str, Quantizer] = {
     "onnxq": Quantizer(onnxq_quantize, ("onnxq", "onnxq.config")),
+    "onnxq_no_data": Quantizer(onnxq_no_data, ("onnxq", "onnxq.config")),
     "ort_static": Quantizer(ort_static, (*_PEER_IMPORTS, "onnxruntime.quantization")),
     "ort_dynamic": Quantizer(ort_dynamic, (*_PEER_IMPORTS, "onnxruntime.quantization")),
     "ort_nbits": Quantizer(ort_nbits, (*_PEER_IMPORTS,

@@ -106,6 +106,13 @@ ROWS: tuple[RowSpec, ...] = (
     *(RowSpec(f"onnxq mixed {MIXED_AVG_BITS:g}b random s{seed}", "onnxq", "onnxq",
               _options(avg_bits=MIXED_AVG_BITS, allocator="random", seed=seed))
       for seed in range(3)),
+    # Activation modes (issue 13): activations quantized per batch at run time in every MatMul /
+    # Gemm with a constant weight (the rest static), with calibration data (SmoothQuant, bias
+    # correction, the held-out check) and without any (the rest float: ORT quantize_dynamic's
+    # setting); and static or dynamic chosen per layer by measured damage on calibration feeds.
+    RowSpec("onnxq dynamic", "onnxq", "onnxq", _options(activations="dynamic")),
+    RowSpec("onnxq dynamic (no data)", "onnxq_no_data", "onnxq"),
+    RowSpec("onnxq auto", "onnxq", "onnxq", _options(activations="auto")),
     # ORT quantize_static: QDQ, per-channel int8 weights, uint8 activations.
     *(RowSpec(f"ORT {method}", "ort_static", "ORT", _options(method=method))
       for method in ("MinMax", *_ORT_HISTOGRAM)),
@@ -123,7 +130,7 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("ORT W4A8 MinMax", "ort_static", "ORT",
             _options(method="MinMax", weight_type="QInt4", opset=21)),
     # Weight-only / dynamic peers for the transformer.
-    RowSpec("ORT dynamic int8", "ort_dynamic", "ORT", models=TRANSFORMERS),
+    RowSpec("ORT dynamic int8", "ort_dynamic", "ORT"),
     RowSpec("ORT MatMulNBits 4-bit", "ort_nbits", "ORT",
             _options(bits=4, block_size=32, is_symmetric=True, accuracy_level=4), models=TRANSFORMERS),
     # NNCF post-training quantization on its ONNX backend (its defaults; transformer model type

@@ -4,7 +4,8 @@ in memory. It holds no algorithm: it builds the run's state, runs the stages in 
 
     load -> prepare (passes, SmoothQuant, plan) -> one calibration pass for every stage
       -> ranges -> allocate (when a budget is set) -> weights -> bias -> comq inputs (when asked)
-      -> evolq (scale search, when asked) -> emit -> verify -> QuantResult
+      -> modes (activations = auto) -> evolq (scale search, when asked) -> emit -> verify
+      -> QuantResult
 
 Nothing is written until `QuantResult.save`, which writes atomically and never over the input.
 """
@@ -20,6 +21,7 @@ import onnx_ir as ir
 from onnxq import weights as _searchers  # noqa: F401  (registers the weight searchers)
 from onnxq.config import QuantConfig
 from onnxq.result import QuantResult
+from onnxq.stages.activation_modes import ActivationModes
 from onnxq.stages.allocate import Allocation
 from onnxq.stages.bias import BiasCorrection
 from onnxq.stages.emit_verify import Emit, Verify
@@ -34,7 +36,7 @@ __all__ = ["ProgressCallback", "QuantResult", "quantize"]
 
 def quantize(
     model: str | Path | onnx.ModelProto | ir.Model,
-    calib: object,
+    calib: object = None,
     config: QuantConfig | None = None,
     *,
     progress: ProgressCallback | None = None,
@@ -44,7 +46,8 @@ def quantize(
     Args:
         model: path of an ONNX file, an `onnx.ModelProto` or an `onnx_ir.Model`.
         calib: a `.npz` path (samples on axis 0), a folder of `.npz` feeds, or any iterable of
-            feed dicts {input name: array}.
+            feed dicts {input name: array}; None only with `activations = dynamic` (nothing
+            else needs no data), and the fidelity is then not measured.
         config: options; defaults to `QuantConfig()`.
         progress: optional callback (stage, advance, total) for progress display.
     """
@@ -61,13 +64,14 @@ def quantize(
         float_bytes=state.float_bytes, quantized_bytes=state.quantized.ByteSize(),
         searched_layers=state.weights.searched_layers, seconds=state.seconds, source=state.source,
         allocation=state.reports.get("allocation"), search=state.reports.get("search"),
+        modes=state.reports.get("activation_modes"),
         provenance=state.provenance)
 
 
 def stages_for(state: QuantState) -> list[Stage]:
     """The stages this run's config asks for, in the order they run."""
     optional = {Allocation: Allocation.wanted(state), SequentialComq: SequentialComq.wanted(state),
-                EvolqSearch: EvolqSearch.wanted(state)}
-    order = [ActivationRanges, Allocation, WeightSearch, BiasCorrection, SequentialComq, EvolqSearch,
-             Emit, Verify]
+                EvolqSearch: EvolqSearch.wanted(state), ActivationModes: ActivationModes.wanted(state)}
+    order = [ActivationRanges, Allocation, WeightSearch, BiasCorrection, SequentialComq, ActivationModes,
+             EvolqSearch, Emit, Verify]
     return [stage() for stage in order if optional.get(stage, True)]

@@ -100,6 +100,21 @@ class ActivationType(enum.Enum):
         return self is ActivationType.INT8
 
 
+class ActivationMode(enum.Enum):
+    """How the activations feeding the weight layers are quantized.
+
+    static: one scale and zero point per tensor, fixed from calibration statistics (ORT fuses
+    Q/DQ into QLinearConv, QGemm, MatMulIntegerToFloat). dynamic: scale and zero point of each
+    batch computed at run time (DynamicQuantizeLinear, uint8 asymmetric) in front of an integer
+    MatMul (onnxq.passes.dynamic_quantize); needs no calibration data. auto: static or dynamic
+    chosen per layer by measured damage on calibration data (onnxq.stages.activation_modes).
+    """
+
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+    AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class PerTensor:
     """One scale (and zero point) for the whole tensor."""
@@ -280,13 +295,49 @@ class LayerRule:
 
 
 @dataclass(frozen=True)
+class ModeRule:
+    """One `PATTERN=static|dynamic` rule: the activations of the layers matching `pattern`."""
+
+    pattern: str
+    mode: ActivationMode
+
+    @classmethod
+    def parse(cls, text: str) -> ModeRule:
+        if not isinstance(text, str) or "=" not in text:
+            raise ConfigError(f"layer rule {text!r} is not PATTERN=static or PATTERN=dynamic")
+        pattern, _, mode = text.rpartition("=")
+        pattern, mode = pattern.strip(), mode.strip().lower()
+        if not pattern:
+            raise ConfigError(f"layer rule {text!r} has an empty pattern")
+        if mode not in (ActivationMode.STATIC.value, ActivationMode.DYNAMIC.value):
+            raise ConfigError(f"layer rule {text!r}: activations must be static or dynamic")
+        return cls(pattern, ActivationMode(mode))
+
+    @staticmethod
+    def is_mode_rule(text: str) -> bool:
+        """Whether a `--layer` value sets activations (else it sets bits)."""
+        return isinstance(text, str) and text.rpartition("=")[2].strip().lower() in (
+            ActivationMode.STATIC.value, ActivationMode.DYNAMIC.value, ActivationMode.AUTO.value)
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Everything that decides how a model is quantized.
 
     Attributes:
         method: calibration method for activation ranges.
         percentile: the percentile kept by the percentile method.
-        activation_type: uint8 asymmetric (default) or int8 symmetric activations.
+        activation_type: uint8 asymmetric (default) or int8 symmetric activations (static
+            ones: dynamic activations are always uint8 asymmetric, DynamicQuantizeLinear's type).
+        activations: "static" (default), "dynamic" or "auto" (ActivationMode). dynamic: every
+            MatMul / Gemm with a constant 2-D weight quantizes its input per batch at run time;
+            the other layers are static with calibration data and stay float without it (a
+            dynamic run needs no data). auto: each such layer static or dynamic, whichever
+            damages the outputs less on calibration feeds.
+        layer_activations: per-layer "PATTERN=static|dynamic" rules (PATTERN as in
+            `exclude`), matched among the layers that can take dynamic activations; the last
+            matching rule wins over `activations`; one that matches no such layer is an error.
+            `exclude` and `layer_bits` "=float" rules come first (those layers stay float).
         weight_granularity: per-channel (default) or per-tensor symmetric weights.
         weight_bits: bits of every quantized weight: 8, 4, 3 or 2 (below 8, codes are stored
             as int4 at opset 21).
@@ -325,6 +376,8 @@ class QuantConfig:
             budget: EfficientNet-Lite0 top-1 0.753 float / 0.760 quantized; PP-OCR hard 0.215
             / 0.0 (its W8A8 error swamps the per-layer differences), hence float.
         sensitivity_feeds: calibration feeds the sensitivity of each layer is measured on.
+        mode_feeds: calibration feeds `activations = auto` measures each layer's damage on
+            (static against dynamic; the damage measure is `sensitivity`).
         allocator: "sensitivity" (measured damage) or "random" (random damage, same budget and
             solver: a baseline for the measured signal).
         sensitivity: the damage measure of quantizing one layer: "mse" (output error energy
@@ -375,6 +428,8 @@ class QuantConfig:
     method: CalibrationMethod = CalibrationMethod.MSE
     percentile: float = 99.999
     activation_type: ActivationType = ActivationType.UINT8
+    activations: ActivationMode = ActivationMode.STATIC
+    layer_activations: tuple[str, ...] = ()
     weight_granularity: Granularity = field(default_factory=PerChannel)
     weight_bits: int = 8
     reduce_range: bool | None = None
@@ -390,6 +445,7 @@ class QuantConfig:
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
     sensitivity: DamageMeasure = DamageMeasure.MSE
     sensitivity_feeds: int = 8
+    mode_feeds: int = 32
     sensitivity_base: SensitivityBase = SensitivityBase.FLOAT
     allocator: Allocator = Allocator.SENSITIVITY
     matmul_nbits: bool = True
@@ -446,12 +502,13 @@ class QuantConfig:
         if isinstance(self.exclude, str) or not all(isinstance(e, str) for e in self.exclude):
             raise ConfigError("exclude must be a list of strings")
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        for name in ("layer_bits", "candidate_bits"):
+        for name in ("layer_bits", "candidate_bits", "layer_activations"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{name} must be a list")
             object.__setattr__(self, name, tuple(value))
         _ = self.layer_rules  # parses and checks the rules
+        _ = self.mode_rules
         if not self.candidate_bits or any(b not in (2, 3, 4, 8) for b in self.candidate_bits):
             raise ConfigError(f"candidate_bits must be among 2, 3, 4, 8, got {list(self.candidate_bits)}")
         budgets = [n for n in ALLOCATION_BUDGETS
@@ -468,6 +525,8 @@ class QuantConfig:
                               f"[{min(self.candidate_bits)}, 8], got {self.avg_bits}")
         if self.sensitivity_feeds < 1:
             raise ConfigError(f"sensitivity_feeds must be >= 1, got {self.sensitivity_feeds}")
+        if self.mode_feeds < 1:
+            raise ConfigError(f"mode_feeds must be >= 1, got {self.mode_feeds}")
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"nbits_accuracy_level must be 0 to 4, got {self.nbits_accuracy_level}")
 
@@ -485,6 +544,28 @@ class QuantConfig:
     def layer_rules(self) -> tuple[LayerRule, ...]:
         """`layer_bits` parsed, in order (the last matching rule wins)."""
         return tuple(LayerRule.parse(text) for text in self.layer_bits)
+
+    @property
+    def mode_rules(self) -> tuple[ModeRule, ...]:
+        """`layer_activations` parsed, in order (the last matching rule wins)."""
+        return tuple(ModeRule.parse(text) for text in self.layer_activations)
+
+    def needs_calibration(self) -> list[str]:
+        """What in this config needs calibration data (empty: it runs without)."""
+        needs = []
+        if self.activations is not ActivationMode.DYNAMIC:
+            needs.append(f"activations = {self.activations.value}")
+        if any(rule.mode is ActivationMode.STATIC for rule in self.mode_rules):
+            needs.append("static layer rules")
+        if self.weight_method is WeightMethod.COMQ:
+            needs.append("weight_method = comq")
+        if self.search is not ScaleSearch.NONE:
+            needs.append(f"search = {self.search.value}")
+        if self.allocation_budget is not None:
+            needs.append(f"the {self.allocation_budget} budget")
+        if self.min_cosine is not None:
+            needs.append("min_cosine (fidelity is measured on held-out feeds)")
+        return needs
 
     @property
     def allocation_budget(self) -> str | None:
@@ -527,7 +608,7 @@ class QuantConfig:
 _ENUM_FIELDS: dict[str, type[enum.Enum]] = {
     "method": CalibrationMethod, "activation_type": ActivationType, "weight_method": WeightMethod,
     "sensitivity": DamageMeasure, "sensitivity_base": SensitivityBase, "allocator": Allocator,
-    "search": ScaleSearch}
+    "search": ScaleSearch, "activations": ActivationMode}
 _TABLE_FIELDS: dict[str, type] = {"comq": ComqConfig, "evolq": EvolqConfig}
 
 
@@ -574,7 +655,7 @@ def config_from_dict(values: dict[str, object]) -> QuantConfig:
                 raise ConfigError(f"weight_granularity = {value!r} is not one of: "
                                   f"{', '.join(_GRANULARITY_NAMES)}")
             value = _GRANULARITY_NAMES[value]
-        elif key in ("exclude", "layer_bits", "candidate_bits"):
+        elif key in ("exclude", "layer_bits", "candidate_bits", "layer_activations"):
             if not isinstance(value, list):
                 raise ConfigError(f"{key} must be a list")
             value = tuple(value)

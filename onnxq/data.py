@@ -178,6 +178,11 @@ def open_calibration(source: object, proto: onnx.ModelProto) -> CalibrationSet:
     return calibration
 
 
+def no_feeds(proto: onnx.ModelProto) -> CalibrationSet:
+    """The empty set of a run without calibration data (dynamic activations only)."""
+    return CalibrationSet([], None, model_input_specs(proto), "none")
+
+
 def _stacked_samples(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec],
                      origin: str) -> CalibrationSet:
     """Samples stacked on axis 0 of each array, one feed per sample."""

@@ -1,16 +1,22 @@
 """Emit: (model, plan, qparams) -> a new quantized model. Chooses no scale of its own.
 
-The input model is not modified: the Q/DQ rewrite runs on a copy. `EmitOptions` (layout only:
+The input model is not modified: the Q/DQ rewrite runs on a copy (a shallow one, tensors
+shared, for a model whose weights are mapped from files), whose tensors are all in memory when
+it is returned. `EmitOptions` (layout only:
 MatMulNBits, int2 containers) come from the config through `emit_options`. Where the plan's
 containers need a newer opset than the prepared model has (int2: 25), the copy is upgraded
-first with the same version converter `prepare` uses.
+first with the same version converter `prepare` uses. Dynamic layers (the plan's
+`dynamic_layers`) are rewritten after the Q/DQ pass, into DynamicQuantizeLinear and an integer
+MatMul (onnxq.passes.dynamic_quantize).
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnxq import model_io
 from onnxq.config import QuantConfig
+from onnxq.passes.dynamic_quantize import DynamicQuantizePass
 from onnxq.passes.insert_qdq import EmitOptions, InsertQDQPass, required_opset
 from onnxq.passes.upgrade_opset import UpgradeOpsetPass
 from onnxq.plan import QuantPlan
@@ -22,15 +28,22 @@ __all__ = ["EmitOptions", "emit", "emit_options"]
 def emit_options(config: QuantConfig) -> EmitOptions:
     """The emitter's layout options from a config."""
     return EmitOptions(matmul_nbits=config.matmul_nbits,
-                       nbits_accuracy_level=config.nbits_accuracy_level)
+                       nbits_accuracy_level=config.nbits_accuracy_level,
+                       dynamic_uint8_weights=config.effective_reduce_range)
 
 
 def emit(model: ir.Model, plan: QuantPlan, qparams: QParams,
          options: EmitOptions | None = None) -> ir.Model:
     """The quantized copy of a prepared model."""
     options = options or EmitOptions()
-    copy = ir.from_proto(ir.to_proto(model))
-    needed = required_opset(copy, plan, qparams, options)
+    # a model with weights mapped from files (past 2 GB) is copied shallowly: tensors shared, the
+    # passes replace tensors and never change them; others through a proto, as they always were
+    copy = model.clone() if model_io.has_external_tensors(model) else ir.from_proto(ir.to_proto(model))
+    static = plan.static_part()
+    needed = required_opset(copy, static, qparams, options)
     if copy.opset_imports.get("", 1) < needed:
         copy = UpgradeOpsetPass(needed)(copy).model
-    return InsertQDQPass(plan, qparams, options)(copy).model
+    copy = InsertQDQPass(static, qparams, options)(copy).model
+    if plan.dynamic_layers:
+        copy = DynamicQuantizePass(plan, qparams, options.dynamic_uint8_weights)(copy).model
+    return model_io.in_memory(copy)  # float tensors left mapped from a file are read in

@@ -56,11 +56,16 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Tensors smaller than this stay inside the model file when the rest goes to external data.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
+# Offsets of external tensors are multiples of this, so ONNX Runtime can map them from the file
+# (and Windows' allocation granularity is met too).
+EXTERNAL_DATA_ALIGNMENT = 65536
 TEMP_SUFFIX = ".tmp"
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """Load and check an ONNX model, external data included."""
+def load_model(path: str | Path, external_data: bool = True) -> onnx.ModelProto:
+    """Load and check an ONNX model, external data included unless `external_data` is False:
+    then its external tensors stay references to the file (`to_ir` with the model's folder
+    maps them lazily), and a 2 GB model costs nothing to hold."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
@@ -71,7 +76,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not proto.HasField("graph") or not proto.graph.node:
         raise ModelError(f"{path} is not an ONNX model (no graph, or a graph with no nodes)")
     try:
-        onnx.load_external_data_for_model(proto, str(path.parent))
+        if external_data:
+            onnx.load_external_data_for_model(proto, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as error:
         raise ModelError(f"{path}: cannot read its external weight data ({error})") from None
     _checked(lambda: onnx.checker.check_model(str(path)), str(path))
@@ -119,6 +125,50 @@ def inline_tensor_bytes(proto: onnx.ModelProto) -> int:
     return total
 
 
+def external_tensor_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the tensors the model keeps in external data (0 when it keeps none)."""
+    return sum(math.ceil(math.prod(tensor.dims) * ir.DataType(tensor.data_type).itemsize)
+               for tensor in _get_all_tensors(proto) if tensor.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def in_memory_bytes(model: ir.Model) -> int:
+    """Bytes of the initializers (all graphs) held in memory, not mapped from a file."""
+    return sum(value.const_value.nbytes for graph in model.graphs() for value in graph.initializers.values()
+               if value.const_value is not None and not isinstance(value.const_value, ir.ExternalTensor))
+
+
+def has_external_tensors(model: ir.Model) -> bool:
+    """True when an initializer (any graph) is read from a file rather than held in memory."""
+    return any(isinstance(value.const_value, ir.ExternalTensor)
+               for graph in model.graphs() for value in graph.initializers.values())
+
+
+def spill(model: ir.Model, folder: str | Path) -> None:
+    """Move the model's initializers of `EXTERNAL_TENSOR_MIN_BYTES` or more, in place, into
+    `folder`/model.onnx.data: they become external tensors mapped from that file when read,
+    and the arrays they were are freed. `folder` must outlive the model."""
+    ir.external_data.unload_from_model(model, str(folder), "model.onnx.data",
+                                       size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+                                       alignment=EXTERNAL_DATA_ALIGNMENT)
+
+
+def unmap(model: ir.Model) -> None:
+    """Close the file mappings of the model's external tensors: the pages read from them leave
+    this process's memory, and a tensor read again is mapped again. A tensor whose array is
+    still held elsewhere stays mapped."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                with contextlib.suppress(BufferError):
+                    value.const_value.release()
+
+
+def in_memory(model: ir.Model) -> ir.Model:
+    """The model with every external tensor read into memory, in place (before `to_proto`,
+    whose external references would point nowhere)."""
+    return ir.external_data.load_to_model(model)
+
+
 def has_external_data(path: str | Path | None) -> bool:
     """True when the model file at `path` keeps tensors in external data (False for None)."""
     if path is None or not Path(path).is_file():
@@ -131,8 +181,12 @@ def model_bytes(proto: onnx.ModelProto) -> bytes:
     return proto.SerializeToString()
 
 
-def to_ir(proto: onnx.ModelProto) -> ir.Model:
-    return ir.from_proto(proto)
+def to_ir(proto: onnx.ModelProto, base_dir: str | Path | None = None) -> ir.Model:
+    """The proto as onnx-ir; its external tensors (if any) are read from `base_dir`, lazily."""
+    model = ir.from_proto(proto)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    return model
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
@@ -176,7 +230,7 @@ def save_with_external_data(model: onnx.ModelProto | ir.Model, path: Path,
     model.ir_version = min(ir_version, MAX_IR_VERSION)
     try:
         ir.save(model, path, external_data=data_name or external_data_name(path),
-                size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
+                size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES, alignment=EXTERNAL_DATA_ALIGNMENT)
     finally:
         model.ir_version = ir_version
     return path

@@ -44,6 +44,11 @@ class WeightQuant:
         """The same weight quantized at `bits` (same signedness)."""
         return dataclasses.replace(self, grid=self.grid.with_bits(bits))
 
+    def full_range(self) -> WeightQuant:
+        """The same weight with full-range 8-bit codes (no `reduce_8bit`): a dynamic layer's,
+        which never needs 7-bit codes (onnxq.passes.dynamic_quantize)."""
+        return dataclasses.replace(self, grid=IntRange(self.grid.bits, self.grid.signed))
+
 
 @dataclass(frozen=True)
 class BiasQuant:
@@ -68,11 +73,36 @@ class QuantPlan:
     float_reasons: dict[str, str] = field(default_factory=dict)
     # Layers whose weight bits a `layer_bits` rule fixed: node name -> the rule's text.
     bits_rules: dict[str, str] = field(default_factory=dict)
+    # Layers that quantize their input per batch at run time (onnxq.passes.dynamic_quantize):
+    # node name -> why (the config, a rule, the auto choice). Their inputs join no group.
+    dynamic_layers: dict[str, str] = field(default_factory=dict)
+    # Layers whose activation mode a `layer_activations` rule fixed: node name -> the rule's text.
+    mode_rules: dict[str, str] = field(default_factory=dict)
+    # Static layers whose mode was measured (activations = auto): node name -> why.
+    static_reasons: dict[str, str] = field(default_factory=dict)
 
     def with_weight_bits(self, bits: dict[str, int]) -> QuantPlan:
         """A copy whose weights of the named nodes have the given bits (others unchanged)."""
         weights = [spec.at_bits(bits[spec.node]) if spec.node in bits else spec for spec in self.weights]
         return dataclasses.replace(self, weights=weights)
+
+    def static_part(self) -> QuantPlan:
+        """The plan without its dynamic layers' weights and biases: what the Q/DQ emitter writes."""
+        weights = [spec for spec in self.weights if spec.node not in self.dynamic_layers]
+        biases = [spec for spec in self.biases if spec.node not in self.dynamic_layers]
+        return dataclasses.replace(self, weights=weights, biases=biases, dynamic_layers={})
+
+    def with_dynamic(self, layers: dict[str, str]) -> QuantPlan:
+        """A copy in which `layers` (name -> why) are dynamic too, their weights at full range.
+        Their input groups stay: the emitter drops a Q/DQ pair no static layer reads any more."""
+        weights = [spec.full_range() if spec.node in layers else spec for spec in self.weights]
+        return dataclasses.replace(self, weights=weights, dynamic_layers={**self.dynamic_layers, **layers})
+
+    def activation_mode(self, node: str) -> str:
+        """"dynamic", "static", or "none" (a weight-only layer: an embedding Gather)."""
+        if node in self.dynamic_layers:
+            return "dynamic"
+        return "none" if self.quantized_nodes.get(node) == "Gather" else "static"
 
     def weight_of(self, node: str) -> WeightQuant | None:
         """The quantized weight of the named layer, if it has one."""

@@ -22,6 +22,7 @@ from onnxq.qparams import QParams
 from onnxq.report.card import card_paths, write_card
 from onnxq.report.provenance import Provenance, model_digest
 from onnxq.scoring.fidelity import FidelityReport
+from onnxq.stages.activation_modes import ModeReport
 from onnxq.stages.evolq import SearchReport
 
 
@@ -46,6 +47,7 @@ class QuantResult:
     source: str | None = None
     allocation: AllocationReport | None = None
     search: SearchReport | None = None
+    modes: ModeReport | None = None
     provenance: Provenance | None = None
 
     def save(self, path: str | Path, card: bool = True) -> Path:
@@ -64,6 +66,15 @@ class QuantResult:
         the written model."""
         return sizes.layer_bytes(self.model, self.plan)
 
+    def activation_summary(self) -> dict[str, object]:
+        """The activation mode asked for and how many weight layers got each mode."""
+        modes = Counter(self.plan.activation_mode(spec.node) for spec in self.plan.weights)
+        summary = {"mode": self.config.activations.value, "layers": dict(sorted(modes.items()))}
+        if self.modes is not None:
+            summary["auto"] = {"measure": self.modes.measure, "feeds": self.modes.feeds,
+                               "chosen": self.modes.chosen, "damage": self.modes.candidates}
+        return summary
+
     def summary(self) -> dict[str, object]:
         """A JSON-ready account of what was done and how well it went."""
         quantized_ops = Counter(self.plan.quantized_nodes.values())
@@ -75,9 +86,11 @@ class QuantResult:
             "float_ops": dict(sorted(float_ops.items())),
             "float_reasons": dict(sorted(float_reasons.items())),
             "weights_quantized": len(self.plan.weights),
+            "activations": self.activation_summary(),
             "activation_groups": len(self.plan.activation_groups),
             "calibration_feeds": self.calibration_feeds,
             "fidelity": {"feeds": self.fidelity.feeds, "held_out": self.fidelity.held_out,
+                         "measured": self.fidelity.feeds > 0,
                          "outputs": [dataclasses.asdict(o) for o in self.fidelity.outputs]},
             "float_bytes": self.float_bytes,
             "quantized_bytes": self.quantized_bytes,

@@ -13,10 +13,19 @@ what the stage needs from calibration and returns the tensors it watches with th
 (statistics, channel means, Gram matrices); and `run(state)`. `run_stages` merges every
 stage's observers into the single calibration pass, then runs the stages in order, timing
 each.
+
+Memory stays bounded for models past 2 GB: the float model read from a file keeps its weights
+in the file (mapped when read), the float session is closed once the held-out outputs are
+computed, and a prepared model whose new weights (SmoothQuant's) pass
+`model_io.EXTERNAL_DATA_THRESHOLD` is spilled to a temporary external-data file
+(`spill_weights`). After each stage the pages read from mapped weights are let go
+(`model_io.unmap`), so at most one copy of the weights is resident at a time.
 """
 
 from __future__ import annotations
 
+import gc
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -65,10 +74,25 @@ class QuantState:
     quantized: onnx.ModelProto | None = None
     reports: dict[str, object] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    scratch: tempfile.TemporaryDirectory | None = None  # where spilled weights live
 
     @property
     def float_bytes(self) -> int:
-        return model_io.serialized_size(self.float_model)  # ByteSize fails past 2 GB
+        # ByteSize fails past 2 GB; a model read from a file may keep its weights there
+        return model_io.serialized_size(self.float_model) + model_io.external_tensor_bytes(self.float_model)
+
+    def spill_weights(self) -> None:
+        """Past `EXTERNAL_DATA_THRESHOLD` bytes of weights in memory, move the prepared model's
+        weights to a temporary external-data file (mapped when read) that lives with the state.
+        Pages read from mapped weights so far are let go either way (those of weights that were
+        replaced when their tensors are collected: graphs are cyclic, so collect now)."""
+        gc.collect()
+        model_io.unmap(self.model)
+        if model_io.in_memory_bytes(self.model) <= model_io.EXTERNAL_DATA_THRESHOLD:
+            return
+        if self.scratch is None:
+            self.scratch = tempfile.TemporaryDirectory(prefix="onnxq-weights-", ignore_cleanup_errors=True)
+        model_io.spill(self.model, tempfile.mkdtemp(dir=self.scratch.name))  # a new file each time
 
     @property
     def fidelity_feeds(self) -> CalibrationSet:
@@ -107,8 +131,9 @@ def run_stages(state: QuantState, stages: Sequence[Stage]) -> None:
         for tensor, watching in stage.observe(state).items():
             observers.setdefault(tensor, []).extend(watching)
     with state.timed("calibrate"):
-        calibrate.observe(model_io.to_proto(state.model), observers, state.calibration,
+        calibrate.observe(state.model, observers, state.calibration,
                           state.stage_progress("calibrate", len(state.calibration)), state.scorer.settings)
     for stage in stages:
+        model_io.unmap(state.model)
         with state.timed(stage.name):
             stage.run(state)

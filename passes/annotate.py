@@ -13,6 +13,12 @@ an entry that matches no node is an error. `config.layer_bits` rules ("PATTERN=B
 matching rule wins) set the weight bits of the layers they match, or keep them float; a rule
 that matches no quantizable layer is an error. Other layers get `config.weight_bits` (the
 allocator, onnxq.bits.knapsack, later re-plans the ones no rule fixed).
+
+Dynamic layers (passes/activation_modes.py: `activations`, `layer_activations` rules) keep
+their weight but put their input in no group: it is quantized per batch at run time, and their
+bias stays as the model has it, in float. Without calibration data (`calibrated=False`) every
+other layer that would need a static activation scale stays float; embedding tables (weight
+only) are quantized.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ import logging
 
 import onnx_ir as ir
 
-from onnxq.config import ActivationType, LayerRule, PerTensor, QuantConfig
+from onnxq.config import ActivationMode, ActivationType, LayerRule, PerTensor, QuantConfig
 from onnxq.numerics import INT8, UINT8, IntRange
+from onnxq.passes.activation_modes import LayerModes, layer_modes
+from onnxq.passes.dynamic_quantize import dynamic_capable
 from onnxq.passes.op_table import OpKind, activation_input_indices, rule_for, weight_axis
 from onnxq.patterns import nodes_matching
 from onnxq.plan import ActivationGroup, BiasQuant, QuantPlan, WeightQuant
@@ -104,15 +112,19 @@ class _Groups:
         return tensor in self.tail_of
 
 
-def annotate(model: ir.Model, config: QuantConfig) -> QuantPlan:
-    """Build the plan for a prepared model (nodes named, constants as initializers)."""
+def annotate(model: ir.Model, config: QuantConfig, calibrated: bool = True) -> QuantPlan:
+    """Build the plan for a prepared model (nodes named, constants as initializers);
+    `calibrated`: whether calibration data will give static activations their scales."""
     graph = model.graph
     excluded = excluded_nodes(graph, config.exclude)
-    layer_rules = layer_rule_bits(weight_layers(graph, config), config.layer_rules)
+    layers = weight_layers(graph, config)
+    layer_rules = layer_rule_bits(layers, config.layer_rules)
     for name, layer_rule in layer_rules.items():
         if layer_rule.bits is None:
             excluded.setdefault(name, f"{layer_rule.pattern}=float")
-    walk = _Walk(config, excluded, layer_rules)
+    eight_bit = [node for node in layers  # dynamic layers run MatMulInteger: 8-bit weights
+                 if (layer_rules[node.name].bits if node.name in layer_rules else config.weight_bits) == 8]
+    walk = _Walk(config, excluded, layer_rules, layer_modes(eight_bit, config, excluded), calibrated)
     # Compute nodes first: their inputs are quantized whatever comes before them.
     for node in graph:
         rule = rule_for(node)
@@ -137,12 +149,14 @@ class _Walk:
     """The plan and activation groups filled in node by node."""
 
     def __init__(self, config: QuantConfig, excluded: dict[str, str],
-                 layer_rules: dict[str, LayerRule]) -> None:
+                 layer_rules: dict[str, LayerRule], modes: LayerModes, calibrated: bool) -> None:
         self.config = config
         self.excluded = excluded
         self.layer_rules = layer_rules
+        self.dynamic = modes.dynamic
+        self.calibrated = calibrated
         self.per_tensor = isinstance(config.weight_granularity, PerTensor)
-        self.plan = QuantPlan()
+        self.plan = QuantPlan(mode_rules=dict(modes.rules))
         self.groups = _Groups()
 
     def _float_reason(self, node: ir.Node, weight: ir.Value | None) -> str | None:
@@ -162,20 +176,27 @@ class _Walk:
         plan = self.plan
         weight = node.inputs[rule.weight_input] if rule.weight_input is not None else None
         reason = self._float_reason(node, weight)
+        dynamic = node.name in self.dynamic
+        if reason is None and not dynamic and not self.calibrated and rule.activation_inputs:
+            reason = "static activations need calibration data (none given)"
         if reason is not None:
             plan.float_reasons[node.name] = reason
             return
         plan.quantized_nodes[node.name] = node.op_type
-        for index in rule.activation_inputs:
+        if dynamic:
+            plan.dynamic_layers[node.name] = self.dynamic[node.name]
+        elif self.config.activations is ActivationMode.DYNAMIC and (why := dynamic_capable(node)):
+            plan.static_reasons[node.name] = f"cannot be dynamic: {why}"
+        for index in () if dynamic else rule.activation_inputs:
             value = node.inputs[index]
             if value is not None and not _is_constant(value):
                 self.groups.add(value.name)
         if _is_constant(weight):
-            self._weight_and_bias(node, rule, weight)
-        if rule.quantize_output:
+            self._weight_and_bias(node, rule, weight, with_bias=not dynamic)
+        if rule.quantize_output and not dynamic:
             self.groups.add(node.outputs[0].name)
 
-    def _weight_and_bias(self, node: ir.Node, rule, weight: ir.Value) -> None:
+    def _weight_and_bias(self, node: ir.Node, rule, weight: ir.Value, with_bias: bool) -> None:
         plan = self.plan
         axis = None if self.per_tensor else weight_axis(node) % len(weight.const_value.shape)
         bits = self.config.weight_bits
@@ -184,7 +205,7 @@ class _Walk:
             plan.bits_rules[node.name] = f"{self.layer_rules[node.name].pattern}={bits}"
         plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis,
                                         IntRange(bits, True, self._reduce_range(node, weight))))
-        bias = node.inputs[rule.bias_input] if (rule.bias_input is not None
+        bias = node.inputs[rule.bias_input] if (with_bias and rule.bias_input is not None
                                                  and len(node.inputs) > rule.bias_input) else None
         if _is_constant(bias) and len(bias.const_value.shape) == 1:
             plan.biases.append(BiasQuant(bias.name, node.name, rule.bias_input,
@@ -192,9 +213,10 @@ class _Walk:
 
     def _reduce_range(self, node: ir.Node, weight: ir.Value) -> bool:
         """7-bit codes for this 8-bit weight (`QuantConfig.reduce_range`)? Not for Gather tables
-        (dequantized, no integer kernel) nor depthwise Convs (ORT's depthwise QLinearConv
-        accumulates in int32 and does not saturate)."""
-        if node.op_type == "Gather" or not self.config.effective_reduce_range:
+        (dequantized, no integer kernel), depthwise Convs (ORT's depthwise QLinearConv
+        accumulates in int32 and does not saturate) nor dynamic layers (their codes are stored
+        as uint8 where u8 x s8 would saturate: onnxq.passes.dynamic_quantize)."""
+        if node.op_type == "Gather" or not self.config.effective_reduce_range or node.name in self.dynamic:
             return False
         if node.op_type == "Conv":
             group = node.attributes.get("group")

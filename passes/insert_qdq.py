@@ -98,6 +98,8 @@ class EmitOptions:
     gather_block_quantized: a 2-4 bit embedding table (Gather along axis 0, per-row scales)
         as com.microsoft GatherBlockQuantized, which dequantizes only the gathered rows; a
         DQ -> Gather dequantizes the whole table on every run (MiniLM: ~10 ms of a 25 ms run).
+    dynamic_uint8_weights: dynamic layers store their codes as uint8 (code + 128, zero point
+        + 128), for CPUs whose u8 x s8 kernels saturate (onnxq.passes.dynamic_quantize).
     """
 
     matmul_nbits: bool = False
@@ -106,6 +108,7 @@ class EmitOptions:
     nbits_activation_qdq: bool = False
     int2: bool = False
     gather_block_quantized: bool = True
+    dynamic_uint8_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
@@ -220,7 +223,7 @@ def required_opset(model: ir.Model, plan: QuantPlan, qparams: QParams,
     return needed
 
 
-def _before_qdq(value: ir.Value) -> ir.Value:
+def before_qdq(value: ir.Value) -> ir.Value:
     """The float tensor in front of a Q -> DQ pair ending in `value` (else `value` itself)."""
     dequantize = value.producer()
     if dequantize is None or dequantize.op_type != "DequantizeLinear":
@@ -321,7 +324,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         scales = _initializer(graph, f"{stem}_s", np.repeat(scale, blocks).astype(np.float32))
         activation = node.inputs[0]
         if not self.options.nbits_activation_qdq:
-            activation = _before_qdq(activation)
+            activation = before_qdq(activation)
         attributes = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
                       ir.AttrInt64("block_size", block),
                       ir.AttrInt64("accuracy_level", self.options.nbits_accuracy_level)]

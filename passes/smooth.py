@@ -8,7 +8,8 @@ constant weights W (K, N), per input channel j
 
 X / s has flat channels and is easy to quantize per tensor; diag(s) W is quantized per output
 channel as before. One Mul by 1/s is inserted on X, shared by every MatMul that reads X (the
-other consumers, e.g. a residual Add, keep reading X); each W is replaced by diag(s) W.
+other consumers, e.g. a residual Add, keep reading X); each W is replaced by diag(s) W, and
+dropped from the graph when nothing else reads it.
 In float the model computes the same function.
 
     X -> MatMul(W1), MatMul(W2), Add        becomes
@@ -96,10 +97,15 @@ class SmoothMatMulInputsPass(ir.passes.InPlacePass):
             graph.insert_after(producer, mul)
         for node, weight in zip(matmuls, weights, strict=True):
             scaled = (weight.astype(np.float64) * scale[:, None]).astype(weight.dtype)
-            new_weight = ir.Value(name=f"{node.inputs[1].name}_smoothed", const_value=ir.tensor(scaled))
+            old = node.inputs[1]
+            new_weight = ir.Value(name=f"{old.name}_smoothed", const_value=ir.tensor(scaled))
             graph.register_initializer(new_weight)
             node.replace_input_with(0, mul.outputs[0])
             node.replace_input_with(1, new_weight)
+            kept = old.uses() or old in graph.inputs or old in graph.outputs
+            if not kept and old.is_initializer():
+                graph.initializers.pop(old.name)  # not kept beside its replacement,
+                old.const_value = None  # nor its tensor (the graph's bookkeeping still holds `old`)
 
 
 def smoothing_scale(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:

@@ -182,3 +182,15 @@ def test_measures_follow_the_output_shape():
     assert output_drop(output, Measure.TOP1) == pytest.approx(1 - output.top1_agreement)
     assert output_drop(output, Measure.SQNR) == pytest.approx(10 ** (-output.sqnr_db / 10))
     assert output_drop(output, Measure.COSINE) == pytest.approx(1 - output.cosine)
+
+
+def test_card_of_a_run_without_data_checks_its_files(tmp_path):
+    out = tmp_path / "digits.dyn.onnx"
+    run = onnxq("quantize", FLOAT, out, "--activations", "dynamic", "--quiet")
+    assert run.returncode == 0, run.stderr
+    card = out.with_name("digits.dyn.card.json")
+    assert "records no data" in _one_line_error(onnxq("check", "--card", card, FLOAT, out))
+    checked = onnxq("check", "--card", card, FLOAT, out, "--data", CALIB, "--max-drop", "0.01", "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    names = [c["name"] for c in json.loads(checked.stdout)["checks"]]
+    assert names == ["card: model file", "card: float model", "max-drop logits"]

@@ -136,7 +136,8 @@ def allocate_bits(request: AllocationRequest, probes: LayerProbes,
     start = time.perf_counter()
     index, plan, config = request.index, request.plan, request.config
     specs = {spec.node: spec for spec in plan.weights}
-    free = [name for name in specs if name not in plan.bits_rules]
+    # Layers a rule fixed, and dynamic ones (8-bit weights: MatMulInteger), keep their bits.
+    free = [name for name in specs if name not in plan.bits_rules and name not in plan.dynamic_layers]
     candidates = tuple(sorted(set(config.candidate_bits)))
     probe_feeds = [request.feeds.feed(i) for i in range(min(len(request.feeds), config.sensitivity_feeds))]
     damage = _damage_table(request, probes, free, candidates, probe_feeds, progress)

@@ -2,18 +2,27 @@
 
 The float model is run with the tensors the plan needs exposed as extra graph outputs; each
 feed's values are streamed into one `TensorStatistics` per tensor and dropped, so memory does
-not grow with the number of feeds (or depend on their shapes). Ranges then come from the
-statistics by the configured method (onnxq.calibration.ranges), and become per-tensor scales/zero points.
+not grow with the number of feeds (or depend on their shapes). Nor with the model's size: an
+onnx-ir model is exposed on a shallow clone (the weights are shared, not copied), and a model
+that goes to ORT through external data (past 2 GB, or weights mapped from files) is opened
+without ORT's weight prepacking (a packed copy of every MatMul weight, made for speed over many
+runs: a calibration pass is a few runs, and the copy doubles the model). Smaller models keep it:
+packed and unpacked MLAS kernels differ in the last bits, and their statistics stay as they were.
+Ranges then come from the statistics by the configured method (onnxq.calibration.ranges), and
+become per-tensor scales/zero points.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper
 
 from onnxq.calibration.ranges import compute_range
@@ -22,11 +31,15 @@ from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.data import Feed
 from onnxq.plan import QuantPlan
 from onnxq.qparams import ActivationParams, activation_params
-from onnxq.scoring.sessions import SessionSettings, open_session
+from onnxq.scoring.sessions import SessionSettings, needs_external_data, open_session
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+
+
+# Session config entries of a calibration session.
+NO_PREPACKING = (("session.disable_prepacking", "1"),)
 
 
 def expose_tensors(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -41,26 +54,60 @@ def expose_tensors(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPr
     return exposed
 
 
+def expose_values(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A shallow clone of the model (tensors shared) with the values `names` added as graph
+    outputs, typed float where shape inference left them untyped."""
+    exposed = model.clone()
+    values = {value.name: value for value in _values(exposed.graph)}
+    present = {value.name for value in exposed.graph.outputs}
+    for name in names:
+        if name not in present:
+            value = values[name]
+            if value.type is None:
+                value.type = ir.TensorType(ir.DataType.FLOAT)
+            exposed.graph.outputs.append(value)
+    return exposed
+
+
+def _values(graph: ir.Graph):
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+def calibration_settings(settings: SessionSettings | None, model: object) -> SessionSettings:
+    """The run's session settings; prepacking off for a model that goes through external data."""
+    settings = settings or SessionSettings()
+    if not needs_external_data(model):
+        return settings
+    return dataclasses.replace(settings, config_entries=settings.config_entries + NO_PREPACKING)
+
+
 class Observer(Protocol):
     """Anything that streams a tensor's values: statistics, channel means, Gram matrices."""
 
     def update(self, x: np.ndarray) -> None: ...
 
 
-def observe(proto: onnx.ModelProto, observers: Mapping[str, Sequence[Observer]],
+def observe(model: ir.Model | onnx.ModelProto, observers: Mapping[str, Sequence[Observer]],
             feeds: Iterable[Feed], progress: Progress | None = None,
             settings: SessionSettings | None = None) -> None:
     """Run the float model once per feed and hand each watched tensor to its observers."""
     names = [name for name, watching in observers.items() if watching]
     if not names:
         return
-    session = open_session(expose_tensors(proto, names), "the calibration model", settings)
+    expose = expose_values if isinstance(model, ir.Model) else expose_tensors
+    exposed = expose(model, names)
+    session = open_session(exposed, "the calibration model", calibration_settings(settings, exposed))
     for feed in feeds:
         for name, array in zip(names, session.run(names, feed), strict=True):
             for observer in observers[name]:
                 observer.update(array)
         if progress is not None:
             progress(1)
+    del session, exposed
+    gc.collect()  # the exposed clone (graphs are cyclic) holds the model's mapped weights until collected
 
 
 class ChannelAbsMax:

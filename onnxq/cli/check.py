@@ -152,6 +152,8 @@ def _card_data(card: dict | None, card_path: Path | None) -> Path:
     if card is None:
         raise ConfigError("--data is required (feeds to measure the models on), except with --card")
     origin = ((card.get("provenance") or {}).get("calibration") or {}).get("origin")
+    if not card["fidelity"]["feeds"]:
+        raise ConfigError(f"{card_path} records no data (quantized without calibration data); give --data")
     if not origin or not Path(origin).exists():
         raise ConfigError(f"the calibration data {origin} that {card_path} names is not found; give --data")
     return Path(origin)

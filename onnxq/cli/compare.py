@@ -4,7 +4,8 @@
 
 Prints per-output fidelity (cosine, min cosine, SQNR, max |err|, top-1 agreement); with
 --per-layer, the layers ranked by the damage their quantization does alone and a ready-made
-`--exclude` value for `onnxq quantize`. Exit codes: 0 done; 2 bad input (one line on stderr);
+`--exclude` value for `onnxq quantize`; layers with dynamic activations (quantized per batch at
+run time) are listed apart, not ranked. Exit codes: 0 done; 2 bad input (one line on stderr);
 1 an internal error.
 """
 
@@ -25,9 +26,11 @@ from rich.table import Table
 from onnxq.cli.support import OneLineCommand, reports_errors
 from onnxq.report.compare import (
     DEFAULT_MAX_FEEDS,
+    DynamicLayer,
     LayerDamage,
     WeightSource,
     compare_models,
+    dynamic_layers,
     exclude_suggestion,
     rank_layers,
 )
@@ -69,9 +72,12 @@ def compare(float_path: Path, quantized_path: Path, data: Path, max_feeds: int, 
         ranked = _rank_with_progress(float_path, quantized_path, data, max_feeds, selection or None,
                                      show=not as_json)
     suggestion = exclude_suggestion(ranked, top) if ranked is not None else None
+    dynamic = dynamic_layers(quantized_path) if per_layer else []
     if as_json:
-        click.echo(json.dumps(_as_json(float_path, quantized_path, report, ranked, top, suggestion),
-                              indent=2))
+        result = _as_json(float_path, quantized_path, report, ranked, top, suggestion)
+        if per_layer:
+            result["dynamic_layers"] = [dataclasses.asdict(layer) for layer in dynamic]
+        click.echo(json.dumps(result, indent=2))
         return
     console = Console()
     console.print(_fidelity_table(report))
@@ -80,6 +86,8 @@ def compare(float_path: Path, quantized_path: Path, data: Path, max_feeds: int, 
         if any(layer.weights is WeightSource.DEQUANTIZED for layer in ranked[:top]):
             console.print("* no float constant matches its quantized weights (e.g. they were rescaled "
                           "by SmoothQuant): they stay dequantized in both measurements")
+        if dynamic:
+            console.print(_dynamic_line(dynamic))
         # Plain echo: rich would wrap a long line that is meant to be pasted.
         click.echo(f"suggestion: --exclude {shlex.quote(suggestion)}" if suggestion
                    else "suggestion: none (no layer loses fidelity on its own)")
@@ -95,6 +103,12 @@ def _rank_with_progress(float_path: Path, quantized_path: Path, data: Path, max_
         task = bar.add_task("layers", total=None)
         return rank_layers(float_path, quantized_path, data, max_feeds, layers,
                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _dynamic_line(dynamic: list[DynamicLayer]) -> str:
+    shown = ", ".join(layer.node for layer in dynamic[:8]) + (", ..." if len(dynamic) > 8 else "")
+    return (f"{len(dynamic)} layers with dynamic activations (quantized per batch at run time; not "
+            f"ranked, no Q/DQ to bypass): {shown}")
 
 
 def _fidelity_table(report: FidelityReport) -> Table:

@@ -1,6 +1,7 @@
 """The `onnxq` command line.
 
     onnxq quantize IN OUT --calib PATH [options]
+    onnxq quantize IN OUT --activations dynamic      (no data needed; fidelity then unmeasured)
 
 Exit codes: 0 the quantized model was verified and written; 2 bad input (model, data, config,
 paths) with one line on stderr and nothing written; 3 the quantized model failed verification
@@ -28,9 +29,11 @@ from onnxq.cli.check import check
 from onnxq.cli.compare import compare
 from onnxq.cli.support import OneLineCommand, OneLineGroup, reports_errors
 from onnxq.config import (
+    ActivationMode,
     ActivationType,
     CalibrationMethod,
     DamageMeasure,
+    ModeRule,
     PerTensor,
     QuantConfig,
     ScaleSearch,
@@ -85,9 +88,14 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @main.command("quantize", cls=OneLineCommand)
 @click.argument("input_path", metavar="IN", type=click.Path(path_type=Path))
 @click.argument("output_path", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--calib", "calib", type=click.Path(path_type=Path), required=True,
+@click.option("--calib", "calib", type=click.Path(path_type=Path), default=None,
               help="Calibration data: a .npz (one array per model input, samples on axis 0) or a "
-                   "folder of .npz files, one feed each.")
+                   "folder of .npz files, one feed each. Needed except with --activations dynamic "
+                   "(there it is used for SmoothQuant, bias correction and measuring fidelity).")
+@click.option("--activations", type=click.Choice([m.value for m in ActivationMode]), default=None,
+              help="Activations of MatMul / Gemm layers: static (scales from calibration), dynamic "
+                   "(per batch at run time; other layers static with --calib, float without) or "
+                   "auto (static or dynamic per layer, by measured damage) [default: static].")
 @click.option("--method", type=click.Choice([m.value for m in CalibrationMethod] + ["comq"]),
               default=None,
               help="How activation ranges are chosen from calibration statistics [default: mse]; "
@@ -97,10 +105,11 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--reduce-range/--no-reduce-range", default=None,
               help="8-bit weights as 7-bit codes, so that x86 integer kernels without VNNI cannot "
                    "saturate [default: on when this CPU lacks VNNI/AMX].")
-@click.option("--layer", "layer_bits", multiple=True, metavar="PATTERN=BITS",
+@click.option("--layer", "layer_rules", multiple=True, metavar="PATTERN=BITS|MODE",
               help="Weight bits of the layers matching PATTERN (node name, op type or glob): 2, 3, "
-                   "4, 8 or float. Repeatable; the last matching rule wins; rules come after "
-                   "--exclude and before the allocator; one that matches nothing is an error.")
+                   "4, 8 or float; or their activations: static or dynamic. Repeatable; the last "
+                   "matching rule wins; rules come after --exclude and before the allocator (bits) "
+                   "or --activations (modes); one that matches nothing is an error.")
 @click.option("--avg-bits", type=float, default=None,
               help="Allocate weight bits per layer by measured sensitivity: mean bits (weighted "
                    "by element count) at most this.")
@@ -167,8 +176,9 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress display and no summary.")
 @reports_errors
-def quantize_command(input_path: Path, output_path: Path, calib: Path, method: str | None,
-                     weight_bits: str | None, reduce_range: bool | None, layer_bits: tuple[str, ...],
+def quantize_command(input_path: Path, output_path: Path, calib: Path | None, activations: str | None,
+                     method: str | None,
+                     weight_bits: str | None, reduce_range: bool | None, layer_rules: tuple[str, ...],
                      avg_bits: float | None,
                      max_size: str | None, max_bops: float | None, max_drop: float | None,
                      candidate_bits: str | None, sensitivity: str | None, no_matmul_nbits: bool | None,
@@ -184,16 +194,23 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
 
     Weights of Conv, ConvTranspose, Gemm and MatMul become int8 (per channel, symmetric);
     activations feeding them become uint8 (or int8) per tensor, with ranges calibrated by running
-    ONNX Runtime on --calib. OUT is written only after the quantized model passed the ONNX
-    checker, loaded in ONNX Runtime and was compared with the float model on held-out feeds.
+    ONNX Runtime on --calib. With --activations dynamic, MatMul / Gemm layers quantize their
+    input per batch at run time instead, and no --calib is needed (the other layers then stay
+    float, and the fidelity is not measured). OUT is written only after the quantized model
+    passed the ONNX checker, loaded in ONNX Runtime and was compared with the float model on
+    held-out feeds.
     """
     model_io.check_output_path(input_path, output_path)
+    layer_bits = tuple(rule for rule in layer_rules if not ModeRule.is_mode_rule(rule))
+    layer_activations = tuple(rule for rule in layer_rules if ModeRule.is_mode_rule(rule))
     config = _build_config(
         config_file,
         method=CalibrationMethod(method) if method and method != "comq" else None,
         weight_method=WeightMethod.COMQ if method == "comq" else None,
         weight_bits=int(weight_bits) if weight_bits else None, reduce_range=reduce_range,
-        layer_bits=layer_bits, avg_bits=avg_bits, **_size_budget(max_size), max_bops=max_bops,
+        activations=ActivationMode(activations) if activations else None,
+        layer_activations=layer_activations, layer_bits=layer_bits, avg_bits=avg_bits,
+        **_size_budget(max_size), max_bops=max_bops,
         max_drop=max_drop, candidate_bits=_bits_list(candidate_bits), sensitivity=sensitivity,
         matmul_nbits=False if no_matmul_nbits else None, quantize_gather=False if no_gather else None,
         percentile=percentile,
@@ -220,7 +237,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, method: s
         _print_summary(summary)
 
 
-def _run_with_progress(model: Path, calib: Path, config: QuantConfig, show: bool) -> QuantResult:
+def _run_with_progress(model: Path, calib: Path | None, config: QuantConfig, show: bool) -> QuantResult:
     console = Console(stderr=True)
     if not show or not console.is_terminal:
         return quantize(model, calib, config)
@@ -243,6 +260,9 @@ def _print_summary(summary: dict) -> None:
     console.print(f"  left float: {left}")
     bits = ", ".join(f"{b}-bit x{n}" for b, n in summary["weight_bits"].items()) or "none"
     console.print(f"  weights: {bits}")
+    activations = summary["activations"]
+    modes = ", ".join(f"{mode} x{n}" for mode, n in activations["layers"].items()) or "none"
+    console.print(f"  activations ({activations['mode']}): {modes}")
     if summary["allocation"]:
         allocation = summary["allocation"]
         console.print(f"  allocation under {allocation['budget']}: used {allocation['used']:.6g} "
@@ -255,6 +275,16 @@ def _print_summary(summary: dict) -> None:
     console.print(f"  size: {summary['float_bytes'] / 1e6:.2f} MB -> "
                   f"{summary['quantized_bytes'] / 1e6:.2f} MB ({summary['size_ratio']:.3f}x)")
     fidelity = summary["fidelity"]
+    if not fidelity["measured"]:
+        console.print("  fidelity: not measured (no data; give --calib to measure it on held-out feeds)")
+    else:
+        console.print(_fidelity_table(fidelity))
+    seconds = summary["seconds"]
+    console.print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+    console.print("  card: " + ", ".join(summary["card"]))
+
+
+def _fidelity_table(fidelity: dict) -> Table:
     table = Table(title=f"fidelity to float on {fidelity['feeds']} "
                         f"{'held-out' if fidelity['held_out'] else 'calibration'} feeds")
     for column in ("output", "cosine", "min cosine", "SQNR dB", "max |err|", "top-1 agree"):
@@ -264,10 +294,7 @@ def _print_summary(summary: dict) -> None:
         table.add_row(output["name"], f"{output['cosine']:.5f}", f"{output['min_cosine']:.5f}",
                       f"{output['sqnr_db']:.1f}", f"{output['max_abs_error']:.4g}",
                       "-" if top1 is None else f"{top1:.3f}")
-    console.print(table)
-    seconds = summary["seconds"]
-    console.print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
-    console.print("  card: " + ", ".join(summary["card"]))
+    return table
 
 
 main.add_command(bench)

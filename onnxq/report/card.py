@@ -1,10 +1,11 @@
 """The quantization card: what was done to every layer, written beside each output model.
 
 `OUT.card.json` (for tools) and `OUT.card.md` (for people) hold, per quantized layer, its
-weight bits, granularity, symmetry, method, measured sensitivity (when bits were allocated)
-and bytes on disk; what stayed float and why; the calibration data and method; the budget and
-how much of it was used; the fidelity measured against float on held-out feeds; the full
-config; and the provenance of the model (onnxq.report.provenance): digests of the float model,
+weight bits, granularity, symmetry, method, measured sensitivity (when bits were allocated),
+activation mode (static, dynamic, or none for a weight-only layer) and why, and bytes on disk;
+what stayed float and why; the calibration data and method; the budget and how much of it was
+used; the fidelity measured against float on held-out feeds; the full config; and the provenance
+of the model (onnxq.report.provenance): digests of the float model,
 the calibration data and the written model, and the library versions. The same inputs, config,
 seed and versions give the same card byte for byte: timings stay in the run's summary.
 """
@@ -38,9 +39,12 @@ class QuantResult(Protocol):
     source: str | None
     allocation: AllocationReport | None
     search: object | None  # onnxq.stages.evolq.SearchReport
+    modes: object | None  # onnxq.stages.activation_modes.ModeReport
     provenance: Provenance | None
 
     def layer_bytes(self) -> dict[str, int]: ...
+
+    def activation_summary(self) -> dict[str, object]: ...
 
     def summary(self) -> dict[str, object]: ...
 
@@ -76,6 +80,8 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
                           else "allocation" if chosen is not None else "weight_bits"),
             "sensitivity": ({str(b): d for b, d in chosen.damage.items()} if chosen and chosen.damage
                             else None),
+            "activations": result.plan.activation_mode(spec.node),
+            "activations_from": _mode_origin(result, spec.node),
             "bytes": layer_bytes.get(spec.node),
         })
     card: dict[str, Any] = {
@@ -83,7 +89,8 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
         "source": result.source,
         "calibration": {"feeds": result.calibration_feeds, "held_out": result.fidelity.feeds,
                         "activation_method": result.config.method.value,
-                        "activation_type": result.config.activation_type.value},
+                        "activation_type": result.config.activation_type.value,
+                        "activations": result.activation_summary()},
         "weights": {"reduce_range": result.config.effective_reduce_range,
                     "reduce_range_from": ("config" if result.config.reduce_range is not None
                                           else "this CPU (onnxq.cpu)")},
@@ -109,6 +116,11 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
                         "loss_before": b.loss_before, "loss_after": b.loss_after,
                         "selection_before": b.selection_before, "selection_after": b.selection_after,
                         "kept": b.kept} for b in search.blocks]}
+    if result.modes is not None:
+        modes = result.modes
+        card["activation_modes"] = {"measure": modes.measure, "feeds": modes.feeds, "chosen": modes.chosen,
+                                    "candidates": modes.candidates, "static_damage": modes.static_damage,
+                                    "alone_dynamic": modes.alone}
     if result.allocation is not None:
         report = result.allocation
         card["allocation"] = {"budget": report.budget, "limit": report.limit, "used": report.used,
@@ -119,6 +131,17 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
     return card
 
 
+def _mode_origin(result: QuantResult, layer: str) -> str | None:
+    """Why a layer's activations have their mode: a rule, the config, or auto's measurement."""
+    if layer in result.plan.dynamic_layers:
+        return result.plan.dynamic_layers[layer]
+    if layer in result.plan.mode_rules:
+        return f"rule {result.plan.mode_rules[layer]}"
+    if result.plan.activation_mode(layer) == "none":
+        return None
+    return result.plan.static_reasons.get(layer, f"activations = {result.config.activations.value}")
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """The card as a Markdown page."""
     size = card["size"]
@@ -126,14 +149,19 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines = [f"# Quantization card: {Path(card['source']).name if card['source'] else 'model'}", "",
              f"- size: {size['float_bytes'] / 1e6:.3f} MB -> {size['quantized_bytes'] / 1e6:.3f} MB "
              f"({size['ratio']:.3f}x)",
-             f"- calibration: {calibration['feeds']} feeds, activations {calibration['activation_type']} "
-             f"by {calibration['activation_method']}; fidelity on {calibration['held_out']} held-out feeds"]
+             _calibration_line(calibration),
+             _activations_line(calibration.get("activations"))]
     if "allocation" in card:
         allocation = card["allocation"]
         lines.append(f"- bits allocated by {allocation['allocator']} ({allocation['measure']} damage on "
                      f"{allocation['feeds']} feeds) under {allocation['budget']}: used "
                      f"{allocation['used']:.6g} of {allocation['limit']:.6g}; mean weight bits "
                      f"{allocation['average_bits']:.2f}")
+    if "activation_modes" in card:
+        modes = card["activation_modes"]
+        whole = ", ".join(f"{name} {value:.3g}" for name, value in modes["candidates"].items())
+        lines.append(f"- activation modes chosen by measured damage ({modes['measure']} on {modes['feeds']} "
+                     f"calibration feeds): {modes['chosen']} model (whole models: {whole})")
     if "search" in card:
         search = card["search"]
         kept = sum(block["kept"] for block in search["blocks"])
@@ -149,18 +177,42 @@ def card_markdown(card: dict[str, Any]) -> str:
         top1 = output["top1_agreement"]
         lines.append(f"| {output['name']} | {output['cosine']:.5f} | {output['min_cosine']:.5f} | "
                      f"{output['sqnr_db']:.1f} | {'-' if top1 is None else f'{top1:.3f}'} |")
+    if not card["fidelity"]["outputs"]:
+        lines.append("| (not measured: no data) | | | | |")
     lines += ["", "## Quantized layers", "",
-              "| layer | op | bits | from | granularity | symmetric | method | bytes | damage by bits |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| layer | op | bits | from | granularity | symmetric | method | activations | bytes | "
+              "damage by bits |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for layer in card["layers"]:
         damage = layer["sensitivity"]
         damage_text = ", ".join(f"{b}: {d:.3g}" for b, d in damage.items()) if damage else "-"
         lines.append(f"| {layer['layer']} | {layer['op_type']} | {layer['bits']} | {layer['bits_from']} | "
                      f"{layer['granularity']} | {layer['symmetric']} | {layer['method']} | "
+                     f"{_mode_text(layer)} | "
                      f"{layer['bytes'] if layer['bytes'] is not None else '-'} | {damage_text} |")
     lines += ["", "## Left float", "", "| node | op | reason |", "|---|---|---|"]
     lines += [f"| {f['node']} | {f['op_type']} | {f['reason']} |" for f in card["float"]]
     return "\n".join(lines) + "\n"
+
+
+def _calibration_line(calibration: dict[str, Any]) -> str:
+    if not calibration["feeds"]:
+        return "- calibration: no data (dynamic activations only); fidelity not measured"
+    return (f"- calibration: {calibration['feeds']} feeds, activations {calibration['activation_type']} "
+            f"by {calibration['activation_method']}; fidelity on {calibration['held_out']} held-out feeds")
+
+
+def _activations_line(activations: dict[str, Any] | None) -> str:
+    if not activations:
+        return "- activations: static"
+    counts = ", ".join(f"{mode} x{n}" for mode, n in activations["layers"].items()) or "no layers"
+    return f"- activations = {activations['mode']}: {counts} (dynamic: quantized per batch at run time)"
+
+
+def _mode_text(layer: dict[str, Any]) -> str:
+    if layer.get("activations_from"):
+        return f"{layer['activations']} ({layer['activations_from']})"
+    return layer.get("activations", "-")
 
 
 def _provenance_lines(provenance: dict[str, Any] | None) -> list[str]:

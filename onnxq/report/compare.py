@@ -41,6 +41,11 @@ on quantized values. `LayerDamage.exclude` names all of them that the float mode
 `exclude_suggestion` joins them for the worst layers: the `--exclude` value that puts those
 layers' inputs back in float when the float model is quantized again.
 
+A *dynamic* layer (onnxq's `--activations dynamic`, ORT's `quantize_dynamic`: an integer
+MatMul / Conv reading a DynamicQuantizeLinear, its weight an integer constant without a DQ) has
+no Q/DQ point to bypass: `dynamic_layers` lists them (the CLI prints them apart), and they
+count in every variant as quantized.
+
 Variants are built by rewiring node inputs in the onnx-ir graph (by object identity), one at a
 time: serialize (without the Q/DQ nodes left reading nothing), one ORT session, run, undo. The
 float outputs are computed once and replayed (`onnxq.scoring.scorer.Reference`). Subgraphs
@@ -352,6 +357,32 @@ def exclusion_names(layer: ir.Node) -> list[str]:
                 if consumer is not layer and _is_quantized(consumer):
                     names.append(consumer.name)
     return [name for name in dict.fromkeys(names) if name]
+
+
+_INTEGER_OPS = ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+
+
+@dataclass(frozen=True)
+class DynamicLayer:
+    """A layer whose input is quantized per batch at run time."""
+
+    node: str
+    op_type: str
+
+
+def dynamic_layers(quantized_path: str | Path) -> list[DynamicLayer]:
+    """The integer MatMul / Conv nodes that read a DynamicQuantizeLinear (or quantize their
+    input themselves: DynamicQuantizeMatMul), in graph order."""
+    model = model_io.to_ir(model_io.load_model(quantized_path))
+    return [DynamicLayer(node.name or "", node.op_type) for node in model.graph
+            if node.op_type in _INTEGER_OPS and node.domain in _QDQ_DOMAINS and _reads_dynamic(node)]
+
+
+def _reads_dynamic(node: ir.Node) -> bool:
+    if node.op_type == "DynamicQuantizeMatMul":
+        return True
+    source = node.inputs[0] if node.inputs else None
+    return source is not None and _is_op(source.producer(), "DynamicQuantizeLinear")
 
 
 def _select(layers: list[_Layer], patterns: Sequence[str] | None) -> list[_Layer]:

@@ -11,7 +11,9 @@ the outputs after: verifying a quantized model, every `--max-drop` fidelity chec
 allocator and a sensitivity probe's reference all read the same cached outputs. Feeds are
 matched by content (input names, dtypes, shapes and bytes, through a BLAKE2 digest), so a
 feed read again from disk is the same feed. It quacks like a session (`get_outputs`, `run`)
-where a float session was taken.
+where a float session was taken. A Reference the Scorer opened on a model can `release` its
+session (the float weights: 2 GB and more for a big model) once the outputs needed are cached;
+a feed asked for later opens it again.
 
 A `LiftedModel` turns chosen constant inputs of nodes (weights, biases, Q/DQ scales and zero
 points) into graph inputs of one ORT session, fed their original values by default: one
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,14 +88,27 @@ class CheckedSession:
         return sessions.run(self.session, names, feed, self.label)
 
 
+@dataclass(frozen=True)
+class OutputArg:
+    """An output's name, type and shape, as a session's `get_outputs()` lists them (ORT's own
+    NodeArgs keep their session alive)."""
+
+    name: str
+    type: str
+    shape: tuple
+
+
 class Reference:
     """The float model's outputs, computed once per feed (by content) and replayed; usable in
-    place of the float session (`get_outputs`, `run`)."""
+    place of the float session (`get_outputs`, `run`). `reopen` opens the session again after
+    `release`."""
 
-    def __init__(self, session: ort.InferenceSession, label: str = "the float model") -> None:
+    def __init__(self, session: ort.InferenceSession, label: str = "the float model",
+                 reopen: Callable[[], ort.InferenceSession] | None = None) -> None:
         self.session = session
         self.label = label
-        self._outputs = session.get_outputs()
+        self._reopen = reopen
+        self._outputs = [OutputArg(o.name, o.type, tuple(o.shape)) for o in session.get_outputs()]
         self.output_names = [o.name for o in self._outputs]
         self._cache: dict[bytes, list[np.ndarray]] = {}
 
@@ -104,8 +119,15 @@ class Reference:
         """Every output of the float model on the feed, in `output_names` order."""
         key = feed_key(feed)
         if key not in self._cache:
+            if self.session is None:
+                self.session = self._reopen()
             self._cache[key] = sessions.run(self.session, self.output_names, feed, self.label)
         return self._cache[key]
+
+    def release(self) -> None:
+        """Close the session when it can be opened again; cached outputs stay."""
+        if self._reopen is not None:
+            self.session = None
 
     def run(self, names: Sequence[str] | None, feed: Feed) -> list[np.ndarray]:
         outputs = self.outputs(feed)
@@ -183,7 +205,8 @@ class Scorer:
         elif hasattr(float_model, "run") and hasattr(float_model, "get_outputs"):
             reference = Reference(float_model, label)
         else:
-            reference = Reference(self.session(float_model, label), label)
+            reference = Reference(self.session(float_model, label), label,
+                                  reopen=lambda: self.session(float_model, label))
         for feed in feeds:
             reference.outputs(feed)
         return reference

@@ -9,8 +9,11 @@ session config entries), one wording of load and run failures, and one answer to
 temporary folder with its tensors in an external-data file and opened by path (an in-memory
 model that large cannot be serialized: 'EncodeError: Failed to serialize proto'). It is written
 tensor by tensor without copying the model (`model_io.save_with_external_data`), and its size is
-estimated without `ByteSize` (which serializes the whole message, then fails at 2 GB). The
-folder lives as long as the session (ORT may map the data file rather than copy it).
+estimated without `ByteSize` (which serializes the whole message, then fails at 2 GB). An onnx_ir
+model whose tensors are mapped from files (read lazily from the float model's folder, or
+spilled) goes the same way, any size: its mapped tensors are copied file to file, never read
+into this process. The folder lives as long as the session: ORT maps the data file (its offsets
+aligned) rather than copying it.
 
 Providers are named "cpu" and "cuda"; one that this onnxruntime build lacks is a `ConfigError`
 when the settings are made, and a session in which ORT fell back to another provider (CUDA
@@ -134,7 +137,10 @@ def estimated_bytes(model: Model) -> int:
 
 
 def needs_external_data(model: Model) -> bool:
-    """True when the model goes to ORT through a file with external data."""
+    """True when the model goes to ORT through a file with external data: past the threshold,
+    or an onnx_ir model whose tensors are read from files (of its own folder, or spilled)."""
+    if isinstance(model, ir.Model) and model_io.has_external_tensors(model):
+        return True
     return isinstance(model, (onnx.ModelProto, ir.Model)) and \
         estimated_bytes(model) > EXTERNAL_DATA_THRESHOLD
 

@@ -31,7 +31,8 @@ class Allocation:
 
     def run(self, state: QuantState) -> None:
         candidates = _Candidates(state)
-        free = [spec.node for spec in state.plan.weights if spec.node not in state.plan.bits_rules]
+        free = [spec.node for spec in state.plan.weights
+                if spec.node not in state.plan.bits_rules and spec.node not in state.plan.dynamic_layers]
         layout = emit_options(state.config)
         quantized_bytes = 0
         if budget_from(state.config).counts_file:

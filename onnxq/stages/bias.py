@@ -71,7 +71,8 @@ class BiasCorrection:
     name = "bias"
 
     def observe(self, state: QuantState) -> Observers:
-        state.biases = BiasCorrector(state.index, state.plan, state.config.bias_correction)
+        enabled = state.config.bias_correction and len(state.calibration) > 0  # E[x] needs data
+        state.biases = BiasCorrector(state.index, state.plan, enabled)
         return state.biases.observers()
 
     def run(self, state: QuantState) -> None:
@@ -103,8 +104,8 @@ def fit_weight_scales_to_biases(state: QuantState) -> bool:
     for spec in state.plan.biases:
         weight_spec = state.plan.weight_of(spec.node)
         params = state.qparams.weights.get(weight_spec) if weight_spec is not None else None
-        if params is None or params.scale.ndim > 1:
-            continue
+        if params is None or params.scale.ndim > 1 or spec.node in state.plan.dynamic_layers:
+            continue  # a dynamic layer's bias stays float
         group = state.plan.group_of(spec.activation).stats_tensor
         input_scale = float(state.qparams.activations[group].scale)
         needed = np.abs(float_bias(state, spec).astype(np.float64)).reshape(-1) / (input_scale * limit)

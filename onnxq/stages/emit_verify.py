@@ -1,12 +1,13 @@
 """The last two stages: emit the quantized model (onnxq.emit: layout only, no scale chosen
 here) and verify it before anything is written (checker, an ORT session, fidelity to the float
-model on held-out feeds, `min_cosine`)."""
+model on held-out feeds, `min_cosine`). A run without data (dynamic activations only) is
+checked and loaded in ORT, and its fidelity left unmeasured: a report of no outputs on 0 feeds."""
 
 from __future__ import annotations
 
 from onnxq import model_io
 from onnxq.emit import emit, emit_options
-from onnxq.scoring.fidelity import verify
+from onnxq.scoring.fidelity import FidelityReport, verify
 from onnxq.state import Observers, QuantState
 
 
@@ -28,6 +29,7 @@ class Verify:
         return {}
 
     def run(self, state: QuantState) -> None:
-        _, state.reports["fidelity"] = verify(state.quantized, state.float_session, state.fidelity_feeds,
-                                              held_out=len(state.held_out) > 0,
-                                              min_cosine=state.config.min_cosine)
+        feeds = state.fidelity_feeds
+        _, report = verify(state.quantized, state.float_session, feeds, held_out=len(state.held_out) > 0,
+                           min_cosine=state.config.min_cosine if len(feeds) else None)
+        state.reports["fidelity"] = report if len(feeds) else FidelityReport((), 0, held_out=False)

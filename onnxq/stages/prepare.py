@@ -2,7 +2,7 @@
 SmoothQuant applied, and the `QuantPlan` annotated. Everything later works on this state.
 
     model -> checked proto -> float session (an op ORT cannot run fails here)
-    feeds -> calibration + held-out (seeded)
+    feeds -> calibration + held-out (seeded); none at all for a dynamic-only run
     prepare passes (opset, constants, BatchNorm folding) -> channel equalization of Conv
     activations and SmoothQuant of MatMul inputs (one ORT pass over channel maxima: both change
     weights and constants before statistics are taken; both exact in float) -> annotate
@@ -20,7 +20,8 @@ from onnxq import model_io
 from onnxq.calibration import calibrate
 from onnxq.calibration.calibrate import ChannelAbsMax
 from onnxq.config import QuantConfig
-from onnxq.data import open_calibration
+from onnxq.data import HOW_TO_MAKE_DATA, CalibrationSet, no_feeds, open_calibration
+from onnxq.errors import CalibrationDataError
 from onnxq.index import ModelIndex
 from onnxq.passes import INT4_MIN_OPSET, QDQ_MIN_OPSET, prepare
 from onnxq.passes.annotate import annotate, excluded_nodes
@@ -39,30 +40,47 @@ def load_state(model: ModelSource, calib: object, config: QuantConfig,
     """The run's starting state: the checked float model (opened once in ORT) and its feeds."""
     proto, source = _as_proto(model)
     scorer = Scorer(SessionSettings(provider=config.provider))
-    float_session = scorer.reference(proto)
-    feeds = open_calibration(calib, proto)
+    float_session = scorer.reference(source or proto)  # by path: ORT maps external weights, no copy
+    feeds = _no_data(proto, config) if calib is None else open_calibration(calib, proto)
     provenance = source_provenance(source, proto, feeds, feeds.origin)
     if config.max_feeds is not None and len(feeds) > config.max_feeds:
         feeds = feeds.subset(range(config.max_feeds))
     calibration, held_out = feeds.split(config.holdout, np.random.default_rng(config.seed))
-    return QuantState(config=config, float_model=proto, source=source, scorer=scorer,
-                      float_session=float_session, calibration=calibration, held_out=held_out,
-                      provenance=provenance, progress=progress)
+    state = QuantState(config=config, float_model=proto, source=source, scorer=scorer,
+                       float_session=float_session, calibration=calibration, held_out=held_out,
+                       provenance=provenance, progress=progress)
+    scorer.reference(float_session, state.fidelity_feeds)  # cached now, so the session can close
+    float_session.release()  # reopened only if a stage asks for another feed
+    return state
+
+
+def _no_data(proto: onnx.ModelProto, config: QuantConfig) -> CalibrationSet:
+    """The empty feed set of a run without data; an error when the config needs data."""
+    needs = config.needs_calibration()
+    if needs:
+        raise CalibrationDataError(f"no calibration data given, and it is needed for: {'; '.join(needs)} "
+                                   f"(only activations = dynamic runs without); {HOW_TO_MAKE_DATA}")
+    return no_feeds(proto)
 
 
 def prepare_state(state: QuantState) -> None:
-    """Graph passes, SmoothQuant and the plan: fills `model`, `index` and `plan`."""
+    """Graph passes, SmoothQuant and the plan: fills `model`, `index` and `plan`. Without
+    calibration data, equalization and SmoothQuant are skipped (they need channel ranges)."""
     config = state.config
     opset = INT4_MIN_OPSET if config.lowest_weight_bits <= 4 else QDQ_MIN_OPSET
-    state.model = prepare(model_io.to_ir(state.float_model), opset)
-    _equalize_and_smooth(state)
-    state.plan = annotate(state.model, config)
+    folder = Path(state.source).parent if state.source else None  # where external weights lie
+    state.model = prepare(model_io.to_ir(state.float_model, folder), opset)
+    calibrated = len(state.calibration) > 0
+    if calibrated:
+        _equalize_and_smooth(state)
+        state.spill_weights()
+    state.plan = annotate(state.model, config, calibrated)
     state.index = ModelIndex(state.model)
 
 
 def _as_proto(model: ModelSource) -> tuple[onnx.ModelProto, str | None]:
     if isinstance(model, (str, Path)):
-        return model_io.load_model(model), str(model)
+        return model_io.load_model(model, external_data=False), str(model)  # weights stay in the file
     if isinstance(model, ir.Model):
         proto = model_io.to_proto(model)
     elif isinstance(model, onnx.ModelProto):
@@ -86,8 +104,7 @@ def _equalize_and_smooth(state: QuantState) -> None:
     observers = {name: {"equalize": ChannelAbsMax(axis=1)} for name in equalize}
     for name in smooth:
         observers.setdefault(name, {})["smooth"] = ChannelAbsMax(axis=-1)
-    calibrate.observe(model_io.to_proto(state.model),
-                      {name: list(kinds.values()) for name, kinds in observers.items()},
+    calibrate.observe(state.model, {name: list(kinds.values()) for name, kinds in observers.items()},
                       state.calibration, state.stage_progress("channels", len(state.calibration)))
 
     def maxima(kind: str) -> dict[str, np.ndarray]:
