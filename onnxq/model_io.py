@@ -60,6 +60,7 @@ EXTERNAL_TENSOR_MIN_BYTES = 1024
 # (and Windows' allocation granularity is met too).
 EXTERNAL_DATA_ALIGNMENT = 65536
 TEMP_SUFFIX = ".tmp"
+_EXTERNAL = onnx.TensorProto.EXTERNAL
 
 
 def load_model(path: str | Path, external_data: bool = True) -> onnx.ModelProto:
@@ -113,22 +114,22 @@ def serialized_size(proto: onnx.ModelProto) -> int:
 
 def inline_tensor_bytes(proto: onnx.ModelProto) -> int:
     """Bytes of the tensors (initializers, attributes, subgraphs) stored inside the model."""
-    total = 0
-    for tensor in _get_all_tensors(proto):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            continue
-        try:
-            itemsize = ir.DataType(tensor.data_type).itemsize
-        except (TypeError, ValueError):  # strings: no fixed width; never the big part of a model
-            continue
-        total += math.ceil(math.prod(tensor.dims) * itemsize)
-    return total
+    return sum(_tensor_bytes(t) for t in _get_all_tensors(proto) if t.data_location != _EXTERNAL)
 
 
 def external_tensor_bytes(proto: onnx.ModelProto) -> int:
     """Bytes of the tensors the model keeps in external data (0 when it keeps none)."""
-    return sum(math.ceil(math.prod(tensor.dims) * ir.DataType(tensor.data_type).itemsize)
-               for tensor in _get_all_tensors(proto) if tensor.data_location == onnx.TensorProto.EXTERNAL)
+    return sum(_tensor_bytes(t) for t in _get_all_tensors(proto) if t.data_location == _EXTERNAL)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's bytes from its shape and element type (0 for strings: no fixed width, never the
+    big part of a model)."""
+    try:
+        itemsize = ir.DataType(tensor.data_type).itemsize
+    except (TypeError, ValueError):
+        return 0
+    return math.ceil(math.prod(tensor.dims) * itemsize)
 
 
 def in_memory_bytes(model: ir.Model) -> int:
@@ -169,12 +170,16 @@ def in_memory(model: ir.Model) -> ir.Model:
     return ir.external_data.load_to_model(model)
 
 
+def external_data_files(path: str | Path) -> list[str]:
+    """Names (sorted, each once) of the external-data files the model file at `path` refers to."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return sorted({entry.value for tensor in _get_all_tensors(proto) for entry in tensor.external_data
+                   if entry.key == "location"})
+
+
 def has_external_data(path: str | Path | None) -> bool:
     """True when the model file at `path` keeps tensors in external data (False for None)."""
-    if path is None or not Path(path).is_file():
-        return False
-    proto = onnx.load(str(path), load_external_data=False)
-    return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in _get_all_tensors(proto))
+    return path is not None and Path(path).is_file() and bool(external_data_files(path))
 
 
 def model_bytes(proto: onnx.ModelProto) -> bytes:

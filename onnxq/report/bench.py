@@ -42,11 +42,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx.external_data_helper import _get_all_tensors
 
 from onnxq.data import InputSpec, _read_npz, check_feed, model_input_specs
 from onnxq.errors import CalibrationDataError, ConfigError, ModelError, OnnxqError
-from onnxq.model_io import load_model
+from onnxq.model_io import external_data_files, load_model
 from onnxq.report.kernels import integer_kernel_counts, optimized_op_counts
 from onnxq.scoring import sessions
 from onnxq.scoring.sessions import PROVIDERS, SessionSettings
@@ -339,11 +338,8 @@ def _feed_batch(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> i
 
 def model_file_bytes(model_path: Path) -> int:
     """Bytes on disk: the model file and each external-data file it references (once each)."""
-    proto = onnx.load(str(model_path), load_external_data=False)
-    locations = {entry.value for tensor in _get_all_tensors(proto) for entry in tensor.external_data
-                 if entry.key == "location"}
     return model_path.stat().st_size + sum((model_path.parent / name).stat().st_size
-                                           for name in locations)
+                                           for name in external_data_files(model_path))
 
 
 # --- comparing models --------------------------------------------------------------------------

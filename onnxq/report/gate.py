@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping, Sequence
@@ -43,7 +44,7 @@ from onnxq.report.bench import BenchSettings, alternating_p50_ms, model_file_byt
 from onnxq.report.compare import check_same_interface
 from onnxq.report.provenance import ModelDigest, feeds_sha256, model_digest
 from onnxq.scoring.fidelity import FidelityReport, OutputFidelity
-from onnxq.scoring.scorer import Scorer
+from onnxq.scoring.scorer import Reference, Scorer
 
 DEFAULT_MAX_FEEDS = 16
 DEFAULT_MAX_REGRESSION = 0.002
@@ -155,6 +156,19 @@ class ModelPair:
     float_proto: onnx.ModelProto
     quantized_proto: onnx.ModelProto
 
+    @functools.cached_property
+    def scorer(self) -> Scorer:
+        return Scorer()
+
+    @functools.cached_property
+    def reference(self) -> Reference:
+        """The float model, opened once; its outputs cached per feed for every check."""
+        return self.scorer.reference(self.float_proto)
+
+    @functools.cached_property
+    def quantized_session(self) -> object:
+        return self.scorer.session(self.quantized_proto, "the quantized model")
+
     @classmethod
     def load(cls, float_path: Path, quantized_path: Path) -> ModelPair:
         float_proto, quantized_proto = model_io.load_model(float_path), model_io.load_model(quantized_path)
@@ -169,10 +183,8 @@ def first_feeds(data: CalibrationSet, count: int) -> list[Feed]:
 def measure(pair: ModelPair, feeds: Sequence[Feed], held_out: bool = False,
             quantized: onnx.ModelProto | None = None) -> FidelityReport:
     """Fidelity of the quantized model (or `quantized`) to the float one on `feeds`."""
-    scorer = Scorer()
-    reference = scorer.reference(pair.float_proto, feeds)
-    model = pair.quantized_proto if quantized is None else quantized
-    return scorer.measure_fidelity(model, reference, feeds, held_out=held_out)
+    model = pair.quantized_session if quantized is None else quantized
+    return pair.scorer.measure_fidelity(model, pair.reference, feeds, held_out=held_out)
 
 
 # --- the checks ------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx.external_data_helper import _get_all_tensors
+
+from onnxq.model_io import external_data_files
 
 CHUNK = 1 << 20
 # Distributions whose versions decide the bytes onnxq writes.
@@ -54,11 +55,8 @@ def file_sha256(path: str | Path) -> str:
 def model_digest(path: str | Path) -> ModelDigest:
     """The digest of a model file as written (external data included, read by name)."""
     path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    locations = sorted({entry.value for tensor in _get_all_tensors(proto) for entry in tensor.external_data
-                        if entry.key == "location"})
     return ModelDigest(file_sha256(path),
-                       tuple((name, file_sha256(path.parent / name)) for name in locations))
+                       tuple((name, file_sha256(path.parent / name)) for name in external_data_files(path)))
 
 
 def proto_sha256(proto: onnx.ModelProto) -> str:
