@@ -378,6 +378,15 @@ class QuantConfig:
         sensitivity_feeds: calibration feeds the sensitivity of each layer is measured on.
         mode_feeds: calibration feeds `activations = auto` measures each layer's damage on
             (static against dynamic; the damage measure is `sensitivity`).
+        mode_latency_slack: `activations = auto` takes the least damaging whole candidate
+            (all static, all dynamic, the layers that helped alone) among those whose measured
+            latency is within this much (of the float model's latency) of the fastest: 0.05, so
+            a candidate 5% of float slower counts as as fast (a shared machine's noise), one
+            13% slower does not (EfficientNet-Lite0's dynamic classifier).
+        max_latency: `activations = auto` only: the written model's latency as a ratio to the
+            float model's (p50 through ORT on a calibration feed, `latency_threads` threads);
+            candidates over it are not taken (none under it: the fastest, and the card says so).
+        latency_threads: intra-op threads latency is measured with (the deployment's).
         allocator: "sensitivity" (measured damage) or "random" (random damage, same budget and
             solver: a baseline for the measured signal).
         sensitivity: the damage measure of quantizing one layer: "mse" (output error energy
@@ -446,6 +455,9 @@ class QuantConfig:
     sensitivity: DamageMeasure = DamageMeasure.MSE
     sensitivity_feeds: int = 8
     mode_feeds: int = 32
+    mode_latency_slack: float = 0.05
+    max_latency: float | None = None
+    latency_threads: int = 1
     sensitivity_base: SensitivityBase = SensitivityBase.FLOAT
     allocator: Allocator = Allocator.SENSITIVITY
     matmul_nbits: bool = True
@@ -472,6 +484,7 @@ class QuantConfig:
         for name, enum_type in _ENUM_FIELDS.items():  # plain values (as TOML gives them) too
             object.__setattr__(self, name, _enum_value(name, enum_type, getattr(self, name)))
         self._check_search_options()
+        self._check_latency_options()
         if not isinstance(self.comq, ComqConfig):
             raise ConfigError(f"comq must be a ComqConfig, got {self.comq!r}")
         if not isinstance(self.method, CalibrationMethod):
@@ -529,6 +542,20 @@ class QuantConfig:
             raise ConfigError(f"mode_feeds must be >= 1, got {self.mode_feeds}")
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"nbits_accuracy_level must be 0 to 4, got {self.nbits_accuracy_level}")
+
+    def _check_latency_options(self) -> None:
+        if self.max_latency is not None:
+            if not self.max_latency > 0:
+                raise ConfigError(f"max_latency must be > 0, got {self.max_latency}")
+            if self.activations is not ActivationMode.AUTO:
+                raise ConfigError("max_latency is a budget of activations = auto (the per-layer "
+                                  "mode choice); for a gate on any model use onnxq check "
+                                  "--max-latency-ratio")
+        if not self.mode_latency_slack >= 0:
+            raise ConfigError(f"mode_latency_slack must be >= 0, got {self.mode_latency_slack}")
+        if isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) \
+                or self.latency_threads < 1:
+            raise ConfigError(f"latency_threads must be an integer >= 1, got {self.latency_threads!r}")
 
     def _check_search_options(self) -> None:
         if not isinstance(self.evolq, EvolqConfig):

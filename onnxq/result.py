@@ -72,7 +72,8 @@ class QuantResult:
         summary = {"mode": self.config.activations.value, "layers": dict(sorted(modes.items()))}
         if self.modes is not None:
             summary["auto"] = {"measure": self.modes.measure, "feeds": self.modes.feeds,
-                               "chosen": self.modes.chosen, "damage": self.modes.candidates}
+                               "chosen": self.modes.chosen, "damage": self.modes.candidates,
+                               "latency_ratio": self.modes.latency, "why": self.modes.why}
         return summary
 
     def summary(self) -> dict[str, object]:

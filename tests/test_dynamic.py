@@ -21,6 +21,7 @@ from onnxq.config import ActivationMode, QuantConfig, dump_config, load_config
 from onnxq.errors import CalibrationDataError, ConfigError
 from onnxq.report.kernels import optimized_op_counts
 from onnxq.scoring.sessions import SessionSettings, open_session
+from onnxq.stages.activation_modes import choose
 
 DYNAMIC_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger")
 
@@ -262,8 +263,11 @@ def test_auto_chooses_by_measured_damage_and_records_why():
     result = onnxq.quantize(model, feeds, QuantConfig(activations=ActivationMode.AUTO, mode_feeds=12))
     report = result.modes
     assert set(report.alone) == {"fc1", "fc2"} and report.feeds == 12
-    assert report.candidates[report.chosen] == min(report.candidates.values())
-    assert report.candidates[report.chosen] <= min(report.candidates["static"], report.candidates["dynamic"])
+    assert set(report.latency) == set(report.candidates) and min(report.latency.values()) > 0
+    fast_enough = [name for name, ratio in report.latency.items()
+                   if ratio <= min(report.latency.values()) + QuantConfig().mode_latency_slack]
+    assert report.chosen in fast_enough
+    assert report.candidates[report.chosen] == min(report.candidates[name] for name in fast_enough)
     layers = {layer["layer"]: layer for layer in _card(result)["layers"]}
     for name in ("fc1", "fc2"):
         assert layers[name]["activations"] == ("dynamic" if name in result.plan.dynamic_layers else "static")
@@ -271,6 +275,36 @@ def test_auto_chooses_by_measured_damage_and_records_why():
     assert result.summary()["activations"]["auto"]["chosen"] == report.chosen
     counts = optimized_op_counts(result.model)
     assert not counts.get("MatMul"), counts  # static or dynamic, every layer an integer kernel
+
+
+@pytest.mark.parametrize("latency, slack, max_latency, chosen", [
+    ({"static": 0.70, "dynamic": 0.80, "mixed": 0.72}, 0.05, None, "mixed"),  # dynamic too slow
+    ({"static": 0.70, "dynamic": 0.74, "mixed": 0.72}, 0.05, None, "dynamic"),  # all within slack
+    ({"static": 0.70, "dynamic": 0.74, "mixed": 0.72}, 0.0, None, "static"),  # only the fastest
+    ({"static": 0.90, "dynamic": 0.80, "mixed": 0.86}, 0.1, 0.85, "dynamic"),  # budget first
+    ({"static": 1.30, "dynamic": 1.20, "mixed": 1.25}, 0.1, 1.0, "dynamic"),  # none fits: fastest
+])
+def test_auto_takes_the_least_damaging_of_the_fast_enough(latency, slack, max_latency, chosen):
+    damage = {"static": 0.030, "dynamic": 0.010, "mixed": 0.020}
+    name, why = choose(damage, latency, slack, max_latency)
+    assert name == chosen, why
+    if max_latency is not None and min(latency.values()) > max_latency:
+        assert "no candidate within max_latency" in why
+
+
+def test_auto_ties_go_to_static():
+    tie = choose({"static": 0.01, "dynamic": 0.01}, {"static": 0.7, "dynamic": 0.7}, 0.05, None)
+    assert tie[0] == "static"
+
+
+def test_auto_budget_is_recorded_in_the_card():
+    feeds = _feeds((1, 5, 16), 10)
+    result = onnxq.quantize(dense_model(), feeds, QuantConfig(activations=ActivationMode.AUTO, mode_feeds=4,
+                                                              max_latency=50.0))
+    modes = _card(result)["activation_modes"]
+    assert modes["chosen"] == result.modes.chosen and modes["latency_threads"] == 1
+    assert set(modes["latency_ratio"]) == set(modes["candidates"])
+    assert "least damaging of" in modes["why"]
 
 
 def test_auto_keeps_rule_fixed_layers():
@@ -296,6 +330,10 @@ def test_config_round_trip(tmp_path):
     ({"activations": "fast"}, "activations = 'fast' is not one of: static, dynamic, auto"),
     ({"layer_activations": ["fc1=auto"]}, "activations must be static or dynamic"),
     ({"layer_activations": "fc1=dynamic"}, "must be a list"),
+    ({"max_latency": 0.8}, "max_latency is a budget of activations = auto"),
+    ({"activations": "auto", "max_latency": 0}, "max_latency must be > 0"),
+    ({"mode_latency_slack": -0.1}, "mode_latency_slack must be >= 0"),
+    ({"latency_threads": 0}, "latency_threads must be an integer >= 1"),
 ])
 def test_bad_config_values(values, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -357,6 +395,7 @@ def _assert_one_line_error(run, pattern):
     (("--activations", "dynamic", "--layer", "nothing*=dynamic"), "matches no layer that can take dynamic"),
     (("--activations", "dynamic", "--layer", "relu=dynamic"), "matches no layer that can take dynamic"),
     (("--layer", "fc1=auto"), "activations must be static or dynamic"),
+    (("--max-latency", "0.9"), "max_latency is a budget of activations = auto"),
     (("--activations", "static",), "no calibration data given"),
     ((), "no calibration data given"),
 ])

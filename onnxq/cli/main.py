@@ -122,6 +122,9 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--max-drop", type=float, default=None,
               help="Smallest allocation whose held-out fidelity drop (1 - worst output cosine) "
                    "stays within this.")
+@click.option("--max-latency", type=float, default=None, metavar="R",
+              help="With --activations auto: the written model's latency at most R times the "
+                   "float model's (p50 in ONNX Runtime, measured on a calibration feed).")
 @click.option("--candidate-bits", default=None, metavar="LIST",
               help="Bits the allocator chooses from, e.g. 4,8 [default: 2,3,4,8].")
 @click.option("--sensitivity", type=click.Choice(["mse", "kl", "infonce"]), default=None,
@@ -181,7 +184,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
                      weight_bits: str | None, reduce_range: bool | None, layer_rules: tuple[str, ...],
                      avg_bits: float | None,
                      max_size: str | None, max_bops: float | None, max_drop: float | None,
-                     candidate_bits: str | None, sensitivity: str | None, no_matmul_nbits: bool | None,
+                     max_latency: float | None, candidate_bits: str | None, sensitivity: str | None,
+                     no_matmul_nbits: bool | None,
                      no_gather: bool | None, percentile: float | None, per_tensor: bool | None,
                      act_type: str | None,
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
@@ -211,7 +215,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
         activations=ActivationMode(activations) if activations else None,
         layer_activations=layer_activations, layer_bits=layer_bits, avg_bits=avg_bits,
         **_size_budget(max_size), max_bops=max_bops,
-        max_drop=max_drop, candidate_bits=_bits_list(candidate_bits), sensitivity=sensitivity,
+        max_drop=max_drop, max_latency=max_latency, candidate_bits=_bits_list(candidate_bits),
+        sensitivity=sensitivity,
         matmul_nbits=False if no_matmul_nbits else None, quantize_gather=False if no_gather else None,
         percentile=percentile,
         weight_granularity=PerTensor() if per_tensor else None,
@@ -263,6 +268,10 @@ def _print_summary(summary: dict) -> None:
     activations = summary["activations"]
     modes = ", ".join(f"{mode} x{n}" for mode, n in activations["layers"].items()) or "none"
     console.print(f"  activations ({activations['mode']}): {modes}")
+    if "auto" in activations:
+        auto = activations["auto"]
+        latency = auto["latency_ratio"][auto["chosen"]]
+        console.print(f"  auto: {auto['chosen']} model ({latency:.2f}x float latency), {auto['why']}")
     if summary["allocation"]:
         allocation = summary["allocation"]
         console.print(f"  allocation under {allocation['budget']}: used {allocation['used']:.6g} "

@@ -47,7 +47,7 @@ from onnxq.data import InputSpec, _read_npz, check_feed, model_input_specs
 from onnxq.errors import CalibrationDataError, ConfigError, ModelError, OnnxqError
 from onnxq.model_io import external_data_files, load_model
 from onnxq.report.kernels import integer_kernel_counts, optimized_op_counts
-from onnxq.scoring import sessions
+from onnxq.scoring import latency, sessions
 from onnxq.scoring.sessions import PROVIDERS, SessionSettings
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def benchmark_model(model_path: Path, feed: Mapping[str, np.ndarray], settings: 
     load_seconds = time.perf_counter() - start
     kernels = integer_kernel_counts(optimized_op_counts(proto))
     del proto
-    times = _timed_runs(session, checked, settings, model_path)
+    times = latency.timed_runs(session, checked, settings.runs, settings.warmup, str(model_path))
     batch = _feed_batch(checked, specs)
     mean = float(np.mean(times))
     logger.info("%s: p50 %.3f ms over %d runs", model_path, np.median(times) * 1e3, len(times))
@@ -283,15 +283,12 @@ def benchmark_model(model_path: Path, feed: Mapping[str, np.ndarray], settings: 
 
 def alternating_p50_ms(model_paths: Sequence[Path], feed: Feed, settings: BenchSettings,
                        rounds: int) -> list[float]:
-    """p50 latency (ms) of each model, timed in `rounds` alternating rounds of `settings.runs`
-    runs each, so that a shared machine's drift reaches every model alike."""
-    session_settings = _session_settings(settings)
-    opened = [_open_session(Path(path), session_settings) for path in model_paths]
-    times: list[list[np.ndarray]] = [[] for _ in opened]
-    for _ in range(rounds):
-        for index, session in enumerate(opened):
-            times[index].append(_timed_runs(session, feed, settings, Path(model_paths[index])))
-    return [float(np.median(np.concatenate(t))) * 1e3 for t in times]
+    """p50 latency (ms) of each model file, timed in `rounds` alternating rounds of
+    `settings.runs` runs each (onnxq.scoring.latency)."""
+    timing = latency.Timing(rounds=rounds, runs=settings.runs, warmup=settings.warmup,
+                            threads=settings.threads, provider=settings.provider)
+    opened = [_open_session(Path(path), _session_settings(settings)) for path in model_paths]
+    return latency.alternating_p50_ms(opened, feed, timing, [str(path) for path in model_paths])
 
 
 def _session_settings(settings: BenchSettings) -> SessionSettings:
@@ -305,26 +302,6 @@ def _session_settings(settings: BenchSettings) -> SessionSettings:
 def _open_session(model_path: Path, settings: SessionSettings) -> ort.InferenceSession:
     """A session read from the file itself (as deployed: external data resolved by ORT)."""
     return sessions.open_session(model_path, str(model_path), settings, describe=sessions.tidy_line)
-
-
-def _timed_runs(session: ort.InferenceSession, feed: Feed, settings: BenchSettings,
-                model_path: Path) -> np.ndarray:
-    """Seconds per run of `settings.runs` runs after `settings.warmup` untimed ones."""
-    times = np.empty(settings.runs)
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4
-    try:
-        for _ in range(settings.warmup):
-            session.run(None, feed, quiet)
-        for index in range(settings.runs):
-            start = time.perf_counter()
-            session.run(None, feed, quiet)
-            times[index] = time.perf_counter() - start
-    except Exception as error:  # ORT raises its own exception types per failure kind
-        shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in feed.items())
-        raise OnnxqError(f"ONNX Runtime failed to run {model_path} on the feed ({shapes}): "
-                         f"{sessions.tidy_line(error)}; give other shapes or a data file") from None
-    return times
 
 
 def _feed_batch(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> int:

@@ -120,7 +120,8 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
         modes = result.modes
         card["activation_modes"] = {"measure": modes.measure, "feeds": modes.feeds, "chosen": modes.chosen,
                                     "candidates": modes.candidates, "static_damage": modes.static_damage,
-                                    "alone_dynamic": modes.alone}
+                                    "alone_dynamic": modes.alone, "latency_ratio": modes.latency,
+                                    "latency_threads": result.config.latency_threads, "why": modes.why}
     if result.allocation is not None:
         report = result.allocation
         card["allocation"] = {"budget": report.budget, "limit": report.limit, "used": report.used,
@@ -159,9 +160,11 @@ def card_markdown(card: dict[str, Any]) -> str:
                      f"{allocation['average_bits']:.2f}")
     if "activation_modes" in card:
         modes = card["activation_modes"]
-        whole = ", ".join(f"{name} {value:.3g}" for name, value in modes["candidates"].items())
+        whole = ", ".join(f"{name} {value:.3g} at {modes['latency_ratio'][name]:.2f}x float latency"
+                          for name, value in modes["candidates"].items())
         lines.append(f"- activation modes chosen by measured damage ({modes['measure']} on {modes['feeds']} "
-                     f"calibration feeds): {modes['chosen']} model (whole models: {whole})")
+                     f"calibration feeds) and latency ({modes['latency_threads']} thread(s)): "
+                     f"{modes['chosen']} model, {modes['why']} (whole models: {whole})")
     if "search" in card:
         search = card["search"]
         kept = sum(block["kept"] for block in search["blocks"])
