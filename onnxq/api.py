@@ -26,6 +26,7 @@ from onnxq.stages.allocate import Allocation
 from onnxq.stages.bias import BiasCorrection
 from onnxq.stages.emit_verify import Emit, Verify
 from onnxq.stages.evolq import EvolqSearch
+from onnxq.stages.latency import MeasureLatency
 from onnxq.stages.prepare import load_state, prepare_state
 from onnxq.stages.ranges import ActivationRanges
 from onnxq.stages.weights import SequentialComq, WeightSearch
@@ -64,14 +65,15 @@ def quantize(
         float_bytes=state.float_bytes, quantized_bytes=state.quantized.ByteSize(),
         searched_layers=state.weights.searched_layers, seconds=state.seconds, source=state.source,
         allocation=state.reports.get("allocation"), search=state.reports.get("search"),
-        modes=state.reports.get("activation_modes"),
+        modes=state.reports.get("activation_modes"), latency=state.reports.get("latency"),
         provenance=state.provenance)
 
 
 def stages_for(state: QuantState) -> list[Stage]:
     """The stages this run's config asks for, in the order they run."""
     optional = {Allocation: Allocation.wanted(state), SequentialComq: SequentialComq.wanted(state),
-                EvolqSearch: EvolqSearch.wanted(state), ActivationModes: ActivationModes.wanted(state)}
+                EvolqSearch: EvolqSearch.wanted(state), ActivationModes: ActivationModes.wanted(state),
+                MeasureLatency: MeasureLatency.wanted(state)}
     order = [ActivationRanges, Allocation, WeightSearch, BiasCorrection, SequentialComq, ActivationModes,
-             EvolqSearch, Emit, Verify]
+             EvolqSearch, Emit, Verify, MeasureLatency]
     return [stage() for stage in order if optional.get(stage, True)]

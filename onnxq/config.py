@@ -387,6 +387,9 @@ class QuantConfig:
             float model's (p50 through ORT on a calibration feed, `latency_threads` threads);
             candidates over it are not taken (none under it: the fastest, and the card says so).
         latency_threads: intra-op threads latency is measured with (the deployment's).
+        measure_latency: time the written model against the float model (interleaved rounds
+            on a held-out feed) for the summary; when it is slower, name the layers ORT's profile
+            blames. Not written to the card (a timing belongs to the machine, not the model).
         allocator: "sensitivity" (measured damage) or "random" (random damage, same budget and
             solver: a baseline for the measured signal).
         sensitivity: the damage measure of quantizing one layer: "mse" (output error energy
@@ -458,6 +461,7 @@ class QuantConfig:
     mode_latency_slack: float = 0.05
     max_latency: float | None = None
     latency_threads: int = 1
+    measure_latency: bool = True
     sensitivity_base: SensitivityBase = SensitivityBase.FLOAT
     allocator: Allocator = Allocator.SENSITIVITY
     matmul_nbits: bool = True

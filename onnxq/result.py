@@ -24,6 +24,7 @@ from onnxq.report.provenance import Provenance, model_digest
 from onnxq.scoring.fidelity import FidelityReport
 from onnxq.stages.activation_modes import ModeReport
 from onnxq.stages.evolq import SearchReport
+from onnxq.stages.latency import LatencyReport
 
 
 @dataclass
@@ -48,6 +49,7 @@ class QuantResult:
     allocation: AllocationReport | None = None
     search: SearchReport | None = None
     modes: ModeReport | None = None
+    latency: LatencyReport | None = None
     provenance: Provenance | None = None
 
     def save(self, path: str | Path, card: bool = True) -> Path:
@@ -105,4 +107,5 @@ class QuantResult:
                 "method": "evolq", "loss": self.search.loss, "scope": self.search.scope,
                 "evaluations": self.search.evaluations, "blocks": len(self.search.blocks),
                 "blocks_kept": sum(b.kept for b in self.search.blocks)},
+            "latency": None if self.latency is None else self.latency.summary(),
         }

@@ -283,6 +283,7 @@ def _print_summary(summary: dict) -> None:
                       f"{search['blocks']} blocks changed")
     console.print(f"  size: {summary['float_bytes'] / 1e6:.2f} MB -> "
                   f"{summary['quantized_bytes'] / 1e6:.2f} MB ({summary['size_ratio']:.3f}x)")
+    _print_latency(console, summary["latency"])
     fidelity = summary["fidelity"]
     if not fidelity["measured"]:
         console.print("  fidelity: not measured (no data; give --calib to measure it on held-out feeds)")
@@ -291,6 +292,16 @@ def _print_summary(summary: dict) -> None:
     seconds = summary["seconds"]
     console.print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     console.print("  card: " + ", ".join(summary["card"]))
+
+
+def _print_latency(console: Console, latency: dict | None) -> None:
+    if latency is None:
+        console.print("  latency: not measured (no data, or measure_latency = false)")
+        return
+    console.print(f"  latency: {latency['ratio']:.2f}x float (p50 {latency['quantized_ms']:.2f} ms vs "
+                  f"{latency['float_ms']:.2f} ms, {latency['threads']} thread(s), this machine)")
+    if latency["slower_than_float"]:
+        console.print(f"  [bold yellow]slower than float[/]: {latency['why']}")
 
 
 def _fidelity_table(fidelity: dict) -> Table:

@@ -3,6 +3,7 @@ reaches every model alike.
 
     alternating_p50_ms(sessions, feed, timing)     p50 per session, rounds interleaved
     latency_ratios(float_model, candidates, feed)  each candidate's p50 over the float model's
+    node_times_ms(model, feed, timing)             ORT's profile: ms per run of each node it ran
 
 `onnxq bench` and `onnxq check` time files; the quantize pipeline (`activations = auto`, the
 written model's summary line) times in-memory models. Both go through `alternating_p50_ms`: one
@@ -17,7 +18,11 @@ stable as the gap between the candidates, so callers compare ratios with a slack
 
 from __future__ import annotations
 
+import json
+import re
+import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,11 +53,12 @@ class Timing:
         if self.warmup < 0:
             raise ConfigError(f"latency warmup must be 0 or more, got {self.warmup}")
 
-    def session_settings(self) -> sessions.SessionSettings:
+    def session_settings(self, profile_prefix: str | None = None) -> sessions.SessionSettings:
         """All optimizations, sequential execution, ORT's log quiet (failures are exceptions)."""
         return sessions.SessionSettings(threads=self.threads, provider=self.provider,
                                         optimization=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                        inter_op_threads=1, log_severity=4)
+                                        inter_op_threads=1, log_severity=4,
+                                        profile_prefix=profile_prefix)
 
 
 def timed_runs(session: ort.InferenceSession, feed: Feed, runs: int, warmup: int,
@@ -112,3 +118,39 @@ def latency_ratios(float_model: sessions.Model, candidates: Mapping[str, session
     opened = [opener(model, label, settings) for model, label in zip(models, labels, strict=True)]
     p50 = alternating_p50_ms(opened, feed, timing, labels)
     return LatencyRatios(p50[0], dict(zip(names[1:], p50[1:], strict=True)), timing)
+
+
+@dataclass(frozen=True)
+class NodeTime:
+    """One node of the graph ORT ran: its op type and its mean time per run (ms)."""
+
+    node: str
+    op_type: str
+    ms: float
+
+
+# ORT names a node its Q/DQ fusion made after the node it replaced, plus "_token_<n>".
+_FUSED_SUFFIX = re.compile(r"_token_\d+$")
+
+
+def node_times_ms(model: sessions.Model, feed: Feed, timing: Timing, label: str) -> list[NodeTime]:
+    """Mean time per run of each node ORT ran (its profile over `timing.runs` runs after the
+    warm-up), slowest first; a fused node is named after the node it replaced."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-profile-") as folder:
+        settings = timing.session_settings(profile_prefix=f"{folder}/profile")
+        session = sessions.open_session(model, label, settings)
+        timed_runs(session, feed, timing.runs, timing.warmup, label)
+        with open(session.end_profiling(), encoding="utf-8") as file:
+            events = json.load(file)
+    total: dict[str, float] = defaultdict(float)
+    op_types: dict[str, str] = {}
+    runs = timing.runs + timing.warmup
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        node = _FUSED_SUFFIX.sub("", name[: -len("_kernel_time")])
+        total[node] += event["dur"] / 1e3 / runs
+        op_types[node] = event.get("args", {}).get("op_name", "?")
+    return sorted((NodeTime(node, op_types[node], ms) for node, ms in total.items()),
+                  key=lambda item: (-item.ms, item.node))

@@ -63,6 +63,8 @@ class SessionSettings:
     config_entries: (key, value) pairs for `SessionOptions.add_session_config_entry`.
     log_severity: ORT's log level (3: errors only; 4: fatal only); failures come back as
     exceptions either way.
+    profile_prefix: when set, ORT profiles every run into a JSON file named from this prefix
+    (`session.end_profiling()` returns its path).
     """
 
     threads: int = 0
@@ -71,6 +73,7 @@ class SessionSettings:
     config_entries: tuple[tuple[str, str], ...] = ()
     inter_op_threads: int = 0
     log_severity: int = 3
+    profile_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -107,6 +110,9 @@ class SessionSettings:
         options.log_severity_level = self.log_severity
         for key, value in self.config_entries:
             options.add_session_config_entry(key, value)
+        if self.profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = self.profile_prefix
         return options
 
 
