@@ -383,9 +383,13 @@ class QuantConfig:
             latency is within this much (of the float model's latency) of the fastest: 0.05, so
             a candidate 5% of float slower counts as as fast (a shared machine's noise), one
             13% slower does not (EfficientNet-Lite0's dynamic classifier).
-        max_latency: `activations = auto` only: the written model's latency as a ratio to the
-            float model's (p50 through ORT on a calibration feed, `latency_threads` threads);
-            candidates over it are not taken (none under it: the fastest, and the card says so).
+        max_latency: the written model's latency as a ratio to the float model's (p50 through
+            ORT on a held-out feed, `latency_threads` threads). A budget of the bit allocation
+            (alone: the least damaging bits that run fast enough; with a size or bits budget:
+            both met), each layer's time per bit-width measured from ORT's profile and the
+            chosen model timed (onnxq.stages.allocate); and of `activations = auto`'s choice
+            (candidates over it are not taken; none under it: the fastest, and the card says
+            so). With `activations = auto` and no size or bits budget it budgets the modes only.
         latency_threads: intra-op threads latency is measured with (the deployment's).
         measure_latency: time the written model against the float model (interleaved rounds
             on a held-out feed) for the summary; when it is slower, name the layers ORT's profile
@@ -548,13 +552,8 @@ class QuantConfig:
             raise ConfigError(f"nbits_accuracy_level must be 0 to 4, got {self.nbits_accuracy_level}")
 
     def _check_latency_options(self) -> None:
-        if self.max_latency is not None:
-            if not self.max_latency > 0:
-                raise ConfigError(f"max_latency must be > 0, got {self.max_latency}")
-            if self.activations is not ActivationMode.AUTO:
-                raise ConfigError("max_latency is a budget of activations = auto (the per-layer "
-                                  "mode choice); for a gate on any model use onnxq check "
-                                  "--max-latency-ratio")
+        if self.max_latency is not None and not self.max_latency > 0:
+            raise ConfigError(f"max_latency must be > 0, got {self.max_latency}")
         if not self.mode_latency_slack >= 0:
             raise ConfigError(f"mode_latency_slack must be >= 0, got {self.mode_latency_slack}")
         if isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) \

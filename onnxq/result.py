@@ -102,7 +102,8 @@ class QuantResult:
             "weight_bits": dict(sorted(Counter(spec.grid.bits for spec in self.plan.weights).items())),
             "allocation": None if self.allocation is None else {
                 "budget": self.allocation.budget, "limit": self.allocation.limit,
-                "used": self.allocation.used, "average_bits": self.allocation.average_bits},
+                "used": self.allocation.used, "average_bits": self.allocation.average_bits,
+                "latency_steps": [list(step) for step in self.allocation.latency_steps]},
             "search": None if self.search is None else {
                 "method": "evolq", "loss": self.search.loss, "scope": self.search.scope,
                 "evaluations": self.search.evaluations, "blocks": len(self.search.blocks),

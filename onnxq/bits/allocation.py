@@ -33,8 +33,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.bits import sensitivity, sizes
-from onnxq.bits.budgets import BudgetContext, LayerFacts, MaxDrop, budget_from
-from onnxq.bits.knapsack import Knapsack, solve
+from onnxq.bits.budgets import Budget, BudgetContext, LayerFacts, MaxDrop, MaxLatency, budget_from
+from onnxq.bits.knapsack import Knapsack, SideLimit, solve
+from onnxq.bits.latency_costs import LatencyTable
 from onnxq.config import Allocator, QuantConfig
 from onnxq.data import CalibrationSet
 from onnxq.emit import EmitOptions
@@ -74,6 +75,9 @@ class AllocationReport:
     layers: tuple[LayerAllocation, ...]
     seconds: float
     steps: tuple[tuple[float, float], ...] = ()  # max_drop: (average bits tried, drop measured)
+    # max_latency: the chosen model's latency ratio to float, predicted from the per-layer table
+    # and measured (onnxq.stages.allocate), one pair per solve.
+    latency_steps: tuple[tuple[float, float], ...] = ()
 
     @property
     def bits(self) -> dict[str, int]:
@@ -118,6 +122,8 @@ class AllocationRequest:
     layout: EmitOptions
     float_bytes: int
     quantized_bytes: int = 0
+    latency: LatencyTable | None = None  # max_latency: each free layer's measured ms per bits
+    damage: dict[str, dict[int, float]] | None = None  # measured already (a re-solve)
 
 
 @dataclass(frozen=True)
@@ -140,22 +146,29 @@ def allocate_bits(request: AllocationRequest, probes: LayerProbes,
     free = [name for name in specs if name not in plan.bits_rules and name not in plan.dynamic_layers]
     candidates = tuple(sorted(set(config.candidate_bits)))
     probe_feeds = [request.feeds.feed(i) for i in range(min(len(request.feeds), config.sensitivity_feeds))]
-    damage = _damage_table(request, probes, free, candidates, probe_feeds, progress)
+    damage = request.damage or _damage_table(request, probes, free, candidates, probe_feeds, progress)
     macs = sensitivity.layer_macs(index.model, list(specs.values()), probe_feeds[0])
-    facts = {name: LayerFacts(sizes.layer_geometry(index, plan, spec), macs[name])
+    latency = request.latency
+    facts = {name: LayerFacts(sizes.layer_geometry(index, plan, spec), macs[name],
+                              None if latency is None else latency.ms.get(name))
              for name, spec in specs.items()}
     groups = [g for g in sensitivity.tied_layers(index.model, plan) if g[0] in free]
     group_of = {name: number for number, group in enumerate(groups) for name in group}
-    budget = budget_from(config)
-    context = BudgetContext(sum(f.elements for f in facts.values()), request.float_bytes, request.layout)
+    budget, side_budget = _budgets(config, latency)
+    context = BudgetContext(sum(f.elements for f in facts.values()), request.float_bytes, request.layout,
+                            latency)
 
     def cost_of(name: str, bits: int) -> float:
         return budget.cost(facts[name], bits, context)
 
-    cost = np.array([[sum(cost_of(n, b) for n in group) for b in candidates] for group in groups])
-    problem = Knapsack(candidates, np.array([[sum(damage[n][b] for n in group) for b in candidates]
-                                             for group in groups]).reshape(len(groups), -1),
-                       cost.reshape(len(groups), -1))
+    def table(value: Callable[[str, int], float]) -> np.ndarray:
+        return np.array([[sum(value(n, b) for n in group) for b in candidates]
+                         for group in groups]).reshape(len(groups), -1)
+
+    side = () if side_budget is None else (SideLimit(
+        side_budget.config_key, table(lambda n, b: side_budget.cost(facts[n], b, context)),
+        side_budget.limit(context)),)
+    problem = Knapsack(candidates, table(lambda n, b: damage[n][b]), table(cost_of), side)
     fixed = sum(cost_of(n, specs[n].grid.bits) for n in specs if n not in group_of)
     # Size budgets: the part of the file that no free layer owns (float tensors, scales).
     outside = (request.quantized_bytes - sum(cost_of(n, specs[n].grid.bits) for n in group_of) - fixed
@@ -185,6 +198,14 @@ def allocate_bits(request: AllocationRequest, probes: LayerProbes,
     logger.info("allocation (%s): %s", report.budget,
                 dict(sorted(Counter(layer.bits for layer in report.layers).items())))
     return report
+
+
+def _budgets(config: QuantConfig, latency: LatencyTable | None) -> tuple[Budget, Budget | None]:
+    """The allocation's budget and its side limit: `max_latency` is the side limit of a size or
+    bits budget, or the budget itself when it is the only one."""
+    budget = budget_from(config)
+    side = None if latency is None else MaxLatency(config.max_latency)
+    return (side, None) if budget is None else (budget, side)
 
 
 def _damage_table(request: AllocationRequest, probes: LayerProbes, free: list[str],

@@ -15,9 +15,11 @@ not own. A new budget is one frozen dataclass here with `cost`, `limit` and a `c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+from onnxq.bits.latency_costs import LatencyTable
 from onnxq.bits.sizes import LayerGeometry, predict_layer_bytes
 from onnxq.errors import ConfigError
 from onnxq.passes.insert_qdq import EmitOptions
@@ -31,6 +33,7 @@ class LayerFacts:
 
     geometry: LayerGeometry
     macs: int
+    latency_ms: Mapping[int, float] | None = None  # measured, for max_latency
 
     @property
     def elements(self) -> int:
@@ -44,6 +47,7 @@ class BudgetContext:
     weight_elements: int
     float_bytes: int
     layout: EmitOptions
+    latency: LatencyTable | None = None
 
 
 def _positive(budget: object, value: float) -> None:
@@ -134,7 +138,28 @@ class MaxDrop:
         raise ConfigError("max_drop has no fixed limit: it is searched by measuring fidelity")
 
 
-Budget = AverageBits | SizeMB | SizeRatio | Bops | MaxDrop
+@dataclass(frozen=True)
+class MaxLatency:
+    """The written model within `ratio` of the float model's latency, as measured per layer
+    (free layers only: the rest is in the table's anchor)."""
+
+    ratio: float
+    config_key: ClassVar[str] = "max_latency"
+    counts_file: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _positive(self, self.ratio)
+
+    def cost(self, layer: LayerFacts, bits: int, context: BudgetContext) -> float:
+        return 0.0 if layer.latency_ms is None else layer.latency_ms[bits]
+
+    def limit(self, context: BudgetContext) -> float:
+        if context.latency is None:
+            raise ConfigError("max_latency needs the measured latency table")
+        return context.latency.layer_limit_ms(self.ratio)
+
+
+Budget = AverageBits | SizeMB | SizeRatio | Bops | MaxDrop | MaxLatency
 BUDGET_TYPES: tuple[type, ...] = (AverageBits, SizeMB, SizeRatio, Bops, MaxDrop)
 BUDGET_KEYS: tuple[str, ...] = tuple(t.config_key for t in BUDGET_TYPES)
 

@@ -123,8 +123,9 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="Smallest allocation whose held-out fidelity drop (1 - worst output cosine) "
                    "stays within this.")
 @click.option("--max-latency", type=float, default=None, metavar="R",
-              help="With --activations auto: the written model's latency at most R times the "
-                   "float model's (p50 in ONNX Runtime, measured on a calibration feed).")
+              help="Allocate weight bits per layer (and, with --activations auto, modes) so the "
+                   "written model runs within R times the float model's latency (ORT p50 on this "
+                   "machine); alone or with one of the budgets above.")
 @click.option("--candidate-bits", default=None, metavar="LIST",
               help="Bits the allocator chooses from, e.g. 4,8 [default: 2,3,4,8].")
 @click.option("--sensitivity", type=click.Choice(["mse", "kl", "infonce"]), default=None,
@@ -276,6 +277,8 @@ def _print_summary(summary: dict) -> None:
         allocation = summary["allocation"]
         console.print(f"  allocation under {allocation['budget']}: used {allocation['used']:.6g} "
                       f"of {allocation['limit']:.6g}; mean weight bits {allocation['average_bits']:.2f}")
+        for predicted, measured in allocation["latency_steps"]:
+            console.print(f"  max_latency: predicted {predicted:.2f}x float, measured {measured:.2f}x")
     if summary["search"]:
         search = summary["search"]
         console.print(f"  scale search (evolq, {search['loss']} loss, {search['scope']}): "

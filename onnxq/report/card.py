@@ -129,6 +129,8 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
                               "average_bits": report.average_bits,
                               "feeds": report.feeds,
                               "max_drop_steps": [list(step) for step in report.steps]}
+        if report.latency_steps:  # max_latency: (predicted, measured) ratio to float per solve
+            card["allocation"]["latency_steps"] = [list(step) for step in report.latency_steps]
     return card
 
 

@@ -2,20 +2,32 @@
 weight searcher), their measured sensitivity, and the knapsack's choice under the budget
 (onnxq.bits.allocation). Replaces the plan's bits; the weights stage then fixes the final
 parameters.
+
+Under `max_latency` the layers' times at each candidate come from ORT's profile of the model
+at that bit-width (onnxq.bits.latency_costs). A profile is a prediction: the chosen model is
+emitted and timed against the float model, and while it is over the budget the table's anchor
+is moved by the miss and the knapsack solved again (the measured damage reused), at most
+`LATENCY_SOLVES` times. Each (predicted, measured) pair goes to the report.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import onnx
 
 from onnxq import model_io
-from onnxq.bits.allocation import AllocationRequest, LayerProbes, ProbeBase, allocate_bits
+from onnxq.bits.allocation import AllocationReport, AllocationRequest, LayerProbes, ProbeBase, allocate_bits
 from onnxq.bits.budgets import budget_from
-from onnxq.config import SensitivityBase
+from onnxq.bits.latency_costs import LatencyTable, measure_latency_table
+from onnxq.config import ActivationMode, QuantConfig, SensitivityBase
 from onnxq.emit import emit, emit_options
+from onnxq.errors import ConfigError
 from onnxq.plan import QuantPlan
 from onnxq.qparams import QParams
 from onnxq.scoring.fidelity import verify
+from onnxq.scoring.latency import Timing, latency_ratios
 from onnxq.state import Observers, QuantState
 
 
@@ -24,7 +36,7 @@ class Allocation:
 
     @staticmethod
     def wanted(state: QuantState) -> bool:
-        return budget_from(state.config) is not None
+        return budget_from(state.config) is not None or latency_budgeted(state.config)
 
     def observe(self, state: QuantState) -> Observers:
         return {}
@@ -35,16 +47,62 @@ class Allocation:
                 if spec.node not in state.plan.bits_rules and spec.node not in state.plan.dynamic_layers]
         layout = emit_options(state.config)
         quantized_bytes = 0
-        if budget_from(state.config).counts_file:
+        budget = budget_from(state.config)
+        if budget is not None and budget.counts_file:
             quantized_bytes = model_io.to_proto(
                 emit(state.model, state.plan, candidates.qparams_for(state.plan), layout)).ByteSize()
+        latency = candidates.latency_table(free) if state.config.max_latency is not None else None
         request = AllocationRequest(state.index, state.plan, state.config, state.calibration, layout,
-                                    state.float_bytes, quantized_bytes)
+                                    state.float_bytes, quantized_bytes, latency)
         probes = LayerProbes(candidates.values, candidates.probe_base(free),
                              candidates.fidelity_of if len(state.held_out) else None)
         report = allocate_bits(request, probes, state.stage_progress("sensitivity", len(free)))
+        if latency is not None:
+            report = _within_measured_latency(request, probes, report, candidates, free)
         state.plan = state.plan.with_weight_bits(report.bits)
         state.reports["allocation"] = report
+
+
+LATENCY_SOLVES = 3
+
+
+def _latency_not_met(config: QuantConfig, measured: float, predicted: float) -> ConfigError:
+    budget = budget_from(config)
+    within = "" if budget is None else f" within {budget.config_key} {getattr(config, budget.config_key)}"
+    return ConfigError(f"max_latency {config.max_latency:g} cannot be met{within}: the allocation "
+                       f"measured {measured:.2f}x float (predicted {predicted:.2f}x) and no faster "
+                       f"one fits")
+
+
+def latency_budgeted(config: QuantConfig) -> bool:
+    """`max_latency` budgets the bits unless it only budgets the activation modes (auto
+    without a size or bits budget)."""
+    return config.max_latency is not None and config.activations is not ActivationMode.AUTO
+
+
+def _within_measured_latency(request: AllocationRequest, probes: LayerProbes, report: AllocationReport,
+                             candidates: _Candidates, free: list[str]) -> AllocationReport:
+    """Time the chosen model; over `max_latency`, shift the table by the miss and solve again."""
+    limit = request.config.max_latency
+    damage = {layer.layer: layer.damage for layer in report.layers if layer.damage}
+    steps = []
+    for attempt in range(LATENCY_SOLVES):
+        table = request.latency
+        predicted = table.predicted_ms({name: report.bits[name] for name in free}) / table.float_ms
+        measured = candidates.latency_ratio(report.bits)
+        steps.append((predicted, measured))
+        if measured <= limit:
+            break
+        miss_ms = (measured - predicted) * table.float_ms
+        moved = dataclasses.replace(table, reference_ms=table.reference_ms + miss_ms)
+        request = dataclasses.replace(request, latency=moved, damage=damage)
+        if attempt == LATENCY_SOLVES - 1:
+            raise _latency_not_met(request.config, measured, predicted)
+        try:
+            report = allocate_bits(request, probes)
+        except ConfigError:
+            raise _latency_not_met(request.config, measured, predicted) from None
+    return dataclasses.replace(report, latency_steps=tuple(steps))
 
 
 class _Candidates:
@@ -79,6 +137,30 @@ class _Candidates:
         at_8 = state.plan.with_weight_bits(dict.fromkeys(free, 8))
         return ProbeBase(emit(state.model, at_8, self.qparams_for(at_8)), lambda layer: self.values(layer, 8),
                          state.float_session)
+
+    def _emitted(self, bits: dict[str, int]) -> onnx.ModelProto:
+        plan = self.state.plan.with_weight_bits(bits)
+        return model_io.to_proto(emit(self.state.model, plan, self.qparams_for(plan),
+                                      emit_options(self.state.config)))
+
+    def _timing(self) -> Timing:
+        return Timing(threads=self.state.config.latency_threads, provider=self.state.config.provider)
+
+    def latency_table(self, free: list[str]) -> LatencyTable:
+        """Each free layer's ms at each candidate bit-width, from ORT's profile of the model with
+        every free layer at those bits (onnxq.bits.latency_costs)."""
+        state = self.state
+        models = {bits: self._emitted(dict.fromkeys(free, bits))
+                  for bits in sorted(set(state.config.candidate_bits))}
+        return measure_latency_table(state.source or state.float_model, models, free,
+                                     state.fidelity_feeds.feed(0), self._timing())
+
+    def latency_ratio(self, bits: dict[str, int]) -> float:
+        """The measured p50 ratio to float of the model emitted with these bits."""
+        state = self.state
+        measured = latency_ratios(state.source or state.float_model, {"chosen": self._emitted(bits)},
+                                  state.fidelity_feeds.feed(0), self._timing())
+        return measured.ratios["chosen"]
 
     def fidelity_of(self, bits: dict[str, int]) -> float:
         """Worst output cosine on the held-out feeds of the model emitted with these bits."""
