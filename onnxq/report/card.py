@@ -173,7 +173,7 @@ def card_markdown(card: dict[str, Any]) -> str:
                      f"{search['scope']}; seed {search['seed']}): {search['evaluations']} evaluations on "
                      f"{search['search_feeds']} calibration feeds, {kept} of {len(search['blocks'])} "
                      f"blocks changed (each kept only if it also improved {search['selection_feeds']} "
-                     f"other calibration feeds: their pooled loss and the median feed's)")
+                     f"other calibration feeds: their pooled loss and most feeds' own)")
         if search.get("acceptance"):
             lines.append(f"- scale search {search['acceptance']['reason']}")
     lines += _provenance_lines(card.get("provenance"))

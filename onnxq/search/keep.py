@@ -9,7 +9,9 @@ best candidate (the incumbent and the candidate scored on the same feeds: paired
 
     change_i = l'_i / l_i - 1                  (relative, so that every feed counts equally)
     kept  <=>  pooled loss after < pooled loss before
-               and  median_i change_i < 0      (more than half of the feeds got better)
+               and  #{i : change_i < 0} > n / 2    (a strict majority of the n feeds got better)
+
+(For an odd n the second condition is median_i change_i < 0; the median is reported too.)
 
 A feed the incumbent already fits exactly (l_i = 0) counts as unchanged when it stays exact and
 as worse otherwise. Pure numpy; the caller scores the feeds.
@@ -52,9 +54,9 @@ def relative_changes(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 
 def decide(pooled_before: float, pooled_after: float, before: np.ndarray, after: np.ndarray) -> KeepDecision:
-    """Keep a candidate only if it lowers the pooled loss and the median feed's loss."""
+    """Keep a candidate only if it lowers the pooled loss and the loss of most feeds."""
     changes = relative_changes(before, after)
     median = float(np.median(changes)) if len(changes) else 0.0
-    kept = pooled_after < pooled_before and (len(changes) == 0 or median < 0)
-    return KeepDecision(bool(kept), float(pooled_before), float(pooled_after), median,
-                        int(np.sum(changes < 0)), len(changes))
+    improved = int(np.sum(changes < 0))
+    kept = pooled_after < pooled_before and (len(changes) == 0 or 2 * improved > len(changes))
+    return KeepDecision(bool(kept), float(pooled_before), float(pooled_after), median, improved, len(changes))

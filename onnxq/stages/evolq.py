@@ -9,7 +9,7 @@ ONNX Runtime against the float model on calibration feeds (onnxq.search).
           through the rest of the model (global loss) or to the next cut (local loss)
         keep the best only if it also improves the selection feeds (calibration feeds the search
           never scored: selection never sees evaluation data), in a paired, per-feed way: the
-          pooled loss falls and so does the median feed's (onnxq.search.keep)
+          pooled loss falls and most feeds' own losses fall (onnxq.search.keep)
     accept the searched scales only if the model they make is at least as close to float on the
     held-out calibration feeds (the verify stage's; worst output's mean cosine) as the model
     with the base scales; else the base scales stay, and the report says why (both cosines)
