@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import model_io
-from onnxq.config import LossScope, ScaleSearch, Strategy
+from onnxq.config import FeedWeighting, LossScope, ScaleSearch, Strategy
 from onnxq.data import Feed
 from onnxq.emit import emit, emit_options
 from onnxq.plan import BiasQuant
@@ -216,7 +216,9 @@ class _BlockRunner:
         free = all(value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int)
                    for value in state.model.graph.inputs)
         # selection feeds one by one: the keep rule compares each feed's loss before and after
-        self.feeds = {"search": batch_feeds(search, free), "selection": list(selection)}
+        self.equal_feeds = state.config.evolq.feed_weighting is FeedWeighting.EQUAL
+        self.feeds = {"search": list(search) if self.equal_feeds else batch_feeds(search, free),
+                      "selection": list(selection)}
         self._cut_session = state.scorer.session(with_outputs(lifted.model, cuts), "the search model")
         self._float: dict[str, list[dict[str, np.ndarray]]] = {}
         if self.local:  # the float model's block outputs, the local loss's reference
@@ -255,7 +257,7 @@ class _BlockRunner:
         return BlockJob(model_io.to_proto(suffix).SerializeToString(),
                         SessionSettings(threads=threads, provider=config.provider), feeds, reference,
                         outputs, config.evolq.loss, scales,
-                        tuple(self.lifted.inputs[g] for g in block.groups))
+                        tuple(self.lifted.inputs[g] for g in block.groups), self.equal_feeds)
 
     def search(self, pool: WorkerPool, block: Block, evaluations: int,
                rng: np.random.Generator) -> BlockReport:
