@@ -18,11 +18,12 @@ from onnxq.config import EvolqConfig, QuantConfig, ScaleSearch, config_from_dict
 from onnxq.data import open_calibration
 from onnxq.emit import emit
 from onnxq.errors import ConfigError
+from onnxq.scoring.executor import Shared
 from onnxq.search.blocks import partition
 from onnxq.search.evolution import EvolutionSettings, SearchResult, evolve, random_search
 from onnxq.search.graph import BLOCK_INPUT, lift_activation_scales, suffix_model, with_outputs
 from onnxq.search.keep import decide, relative_changes
-from onnxq.search.worker import candidate_scales
+from onnxq.search.worker import candidate_scales, score_candidate
 from onnxq.stages.evolq import EvolqSearch, _BlockRunner, bias_sources, with_scales
 from onnxq.stages.prepare import load_state, prepare_state
 from onnxq.state import run_stages
@@ -186,6 +187,29 @@ def test_keep_rule_rejects_a_block_that_helps_an_outlier_feed_and_hurts_most():
     assert not decision.kept and "1 of 8 better" in decision.reason
 
 
+@pytest.mark.parametrize("weighting", ["pooled", "equal"])
+def test_search_loss_weighs_feeds_as_configured(weighting):
+    """The search loss of a candidate, pooled or the mean of each feed's own, equals the relative
+    MSE of the emitted model with those scales, computed here from ORT's outputs."""
+    config = QuantConfig(holdout=2, search=ScaleSearch.EVOLQ, evolq=EvolqConfig(feed_weighting=weighting))
+    state = _calibrated(config, small_cnn_feeds(24))
+    search = small_cnn_feeds(6, seed=5)
+    search[0] = {"x": search[0]["x"] * 3}
+    lifted = lift_activation_scales(emit(state.model, state.plan, state.qparams), state.plan,
+                                    bias_sources(state))
+    block = partition(state.model, state.plan, 1, 1)[0]
+    block = dataclasses.replace(block, groups=tuple(g for g in block.groups if g in lifted.inputs))
+    runner = _BlockRunner(state, lifted, [block], search, [])
+    handle = Shared.inline(runner._job(block, runner._suffix(block), "search", 1))
+    multipliers = np.linspace(-0.1, 0.2, len(block.groups))
+    moved = with_scales(state.qparams, candidate_scales(runner.current, block.groups, multipliers))
+    pooled, alone = _pooled_and_per_feed_mse(_unfused(emit(state.model, state.plan, moved)),
+                                             state.float_model, search)
+    expected = pooled if weighting == "pooled" else alone.mean()
+    assert abs(pooled - alone.mean()) > 0.1 * pooled  # the loud feed: the two weightings differ
+    np.testing.assert_allclose(score_candidate((handle, multipliers)), expected, rtol=1e-5)
+
+
 def test_keep_rule_on_paired_feed_losses():
     pooled = dict(pooled_before=1.0, pooled_after=0.9)
     assert decide(**pooled, before=np.array([1.0, 2, 3]), after=np.array([0.9, 1.9, 3.5])).kept
@@ -261,6 +285,8 @@ def test_search_works_on_top_of_any_weight_searcher_and_leaves_the_weights(weigh
     ({"evolq": {"scope": "sideways"}}, "evolq scope"),
     ({"evolq": {"sigma": 0.01, "final_sigma": 0.1}}, "final_sigma <= sigma"),
     ({"evolq": {"elite": 8}}, "elite must be in"),
+    ({"evolq": {"feed_weighting": "loudest"}}, "evolq feed_weighting = 'loudest' is not one of"),
+    ({"evolq": {"feed_weighting": "equal", "loss": "infonce"}}, "needs loss mse or kl"),
     ({"search": "genetic"}, "search = 'genetic' is not one of: none, evolq"),
     ({"workers": 0}, "workers must be an integer >= 1"),
     ({"executor": "slurm"}, "executor must be local or ray"),
