@@ -240,7 +240,10 @@ class EvolqConfig:
         strategy: evolution, or random search with the same evaluations (ablation).
         search_feeds: calibration feeds the candidates are scored on.
         selection_feeds: other calibration feeds a block's best candidate must also improve
-            on to be kept (selection and early stopping never see evaluation data).
+            on to be kept: their pooled loss and the own loss of a strict majority of them
+            (onnxq.search.keep; selection never sees evaluation data). After the search, the
+            searched scales are written only if the held-out calibration feeds find the model at
+            least as close to float as with the base scales (onnxq.stages.evolq).
         min_block_groups: activation groups per block at least (blocks are merged up to it).
         max_blocks: blocks at most (merged down to it).
     """
