@@ -2,6 +2,7 @@
 through ONNX Runtime, blocks of real graphs, reproducibility, and bad options."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from onnxq.config import EvolqConfig, QuantConfig, ScaleSearch, config_from_dict
 from onnxq.data import open_calibration
 from onnxq.emit import emit
 from onnxq.errors import ConfigError
+from onnxq.report.card import card_markdown, quantization_card
 from onnxq.scoring.executor import Shared
 from onnxq.search.blocks import partition
 from onnxq.search.evolution import EvolutionSettings, SearchResult, evolve, random_search
@@ -148,6 +150,11 @@ def test_same_seed_gives_a_byte_identical_model():
     kept = [b for b in first.search.blocks if b.kept]
     written = bool(kept) and first.search.acceptance.accepted
     assert (first.model.SerializeToString() != plain.model.SerializeToString()) == written
+    card = quantization_card(first)
+    json.dumps(card)  # plain data
+    acceptance = card["search"]["acceptance"]
+    assert acceptance is None or acceptance["reason"] in card_markdown(card)
+    assert {"selection_median_change", "selection_improved_feeds"} <= set(card["search"]["blocks"][0])
 
 
 def _pooled_and_per_feed_mse(session, float_model, feeds):
