@@ -81,6 +81,12 @@ ROWS: tuple[RowSpec, ...] = (
               models=ABLATION_MODELS)
       for label, table in (("random", {"strategy": "random"}), ("infonce", {"loss": "infonce"}),
                            ("kl", {"loss": "kl"}), ("local", {"scope": "local"}))),
+    # Each feed's own loss weighed equally in the search (pooled by default), at W8A8 and W4A8
+    # COMQ, on the ablation models and EfficientNet-Lite0 (whose W8A8 search lost to its base).
+    *(RowSpec(f"onnxq {base}evolq equal feeds", "onnxq", "onnxq",
+              _options(**options, search="evolq", evolq={"feed_weighting": "equal"}),
+              models=ABLATION_MODELS | {"efficientnet_lite0"})
+      for base, options in (("", {}), ("W4A8 comq + ", {"weight_bits": 4, "weight_method": "comq"}))),
     # Channel equalization of Conv activations (on by default) switched off, and without the
     # dense Convs' share: what each part of it does.
     RowSpec("onnxq no equalize", "onnxq", "onnxq", _options(equalize=False)),

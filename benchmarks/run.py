@@ -298,8 +298,9 @@ def run_model(name: str, rows: list[RowSpec], feeds: int, plan: LatencyPlan, wor
 
 def calibration_side(target: Path) -> dict[str, Any]:
     """From an onnxq card next to the model: its held-out fidelity on calibration feeds and,
-    after a scale search, the search's loss on its selection feeds before and after (the
-    calibration side of the calibration-vs-evaluation gap)."""
+    after a scale search, the search's loss on its selection feeds before and after and its final
+    acceptance against the base scales (the calibration side of the calibration-vs-evaluation
+    gap)."""
     card_path = target.with_suffix(".card.json")
     if not card_path.exists():
         return {}
@@ -315,6 +316,10 @@ def calibration_side(target: Path) -> dict[str, Any]:
         final = last["loss_after"] if last["kept"] else last["loss_before"]
         found["search_loss"] = [blocks[0]["loss_before"], final]
         found["blocks_kept"] = f"{sum(b['kept'] for b in blocks)}/{len(blocks)}"
+    acceptance = card.get("search", {}).get("acceptance")
+    if acceptance:  # the final check against the base scales on the held-out calibration feeds
+        found["search_accepted"] = acceptance["accepted"]
+        found["acceptance_cosine"] = [acceptance["base_cosine"], acceptance["searched_cosine"]]
     if scored:
         found["selection_loss"] = [scored[0]["selection_before"],
                                    next((b["selection_after"] for b in reversed(scored) if b["kept"]),

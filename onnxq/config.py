@@ -57,6 +57,15 @@ class LossScope(enum.Enum):
     LOCAL = "local"
 
 
+class FeedWeighting(enum.Enum):
+    """How a scale search's loss weighs the calibration feeds: pooled (the error energy of all
+    feeds over their signal energy: a loud or badly fitted feed weighs more) or equal (the mean
+    over feeds of each feed's own relative loss: every feed counts the same)."""
+
+    POOLED = "pooled"
+    EQUAL = "equal"
+
+
 class Strategy(enum.Enum):
     """How candidates are proposed: evolution (tournament selection, crossover, mutation with a
     shrinking step, elitism) or random sampling with the same number of evaluations (the
@@ -226,10 +235,15 @@ class EvolqConfig:
             feeds (40-100%), so none was kept; with MSE (44 search feeds) 4 of 6 blocks lowered
             it (selection MSE -11%), and on PP-OCRv4 the first block's selection MSE halved.
         scope: global (model outputs) or local (the block's output).
+        feed_weighting: pooled (default) or equal: how the search loss weighs the search feeds
+            (onnxq.config.FeedWeighting; equal runs the feeds one by one, and needs mse or kl).
         strategy: evolution, or random search with the same evaluations (ablation).
         search_feeds: calibration feeds the candidates are scored on.
         selection_feeds: other calibration feeds a block's best candidate must also improve
-            on to be kept (selection and early stopping never see evaluation data).
+            on to be kept: their pooled loss and the own loss of a strict majority of them
+            (onnxq.search.keep; selection never sees evaluation data). After the search, the
+            searched scales are written only if the held-out calibration feeds find the model at
+            least as close to float as with the base scales (onnxq.stages.evolq).
         min_block_groups: activation groups per block at least (blocks are merged up to it).
         max_blocks: blocks at most (merged down to it).
     """
@@ -243,6 +257,7 @@ class EvolqConfig:
     final_sigma: float = 0.05
     loss: DamageMeasure = DamageMeasure.MSE
     scope: LossScope = LossScope.GLOBAL
+    feed_weighting: FeedWeighting = FeedWeighting.POOLED
     strategy: Strategy = Strategy.EVOLUTION
     search_feeds: int = 48
     selection_feeds: int = 16
@@ -250,8 +265,12 @@ class EvolqConfig:
     max_blocks: int = 6
 
     def __post_init__(self) -> None:
-        for name, enum_type in (("loss", DamageMeasure), ("scope", LossScope), ("strategy", Strategy)):
+        for name, enum_type in (("loss", DamageMeasure), ("scope", LossScope), ("strategy", Strategy),
+                                ("feed_weighting", FeedWeighting)):
             object.__setattr__(self, name, _enum_value(f"evolq {name}", enum_type, getattr(self, name)))
+        if self.feed_weighting is FeedWeighting.EQUAL and self.loss is DamageMeasure.INFONCE:
+            raise ConfigError("evolq feed_weighting = equal needs loss mse or kl (infoNCE contrasts "
+                              "the rows of all feeds together)")
         for name in ("budget", "passes", "population", "tournament", "search_feeds", "min_block_groups",
                      "max_blocks"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

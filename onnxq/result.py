@@ -107,6 +107,8 @@ class QuantResult:
             "search": None if self.search is None else {
                 "method": "evolq", "loss": self.search.loss, "scope": self.search.scope,
                 "evaluations": self.search.evaluations, "blocks": len(self.search.blocks),
-                "blocks_kept": sum(b.kept for b in self.search.blocks)},
+                "blocks_kept": sum(b.kept for b in self.search.blocks),
+                "acceptance": None if self.search.acceptance is None else {
+                    "accepted": self.search.acceptance.accepted, "reason": self.search.acceptance.reason}},
             "latency": None if self.latency is None else self.latency.summary(),
         }

@@ -2,6 +2,7 @@
 through ONNX Runtime, blocks of real graphs, reproducibility, and bad options."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -15,12 +16,17 @@ from graphs import small_cnn, small_cnn_feeds
 from onnxq import model_io
 from onnxq.api import stages_for
 from onnxq.config import EvolqConfig, QuantConfig, ScaleSearch, config_from_dict
+from onnxq.data import open_calibration
 from onnxq.emit import emit
 from onnxq.errors import ConfigError
+from onnxq.report.card import card_markdown, quantization_card
+from onnxq.scoring.executor import Shared
 from onnxq.search.blocks import partition
-from onnxq.search.evolution import EvolutionSettings, evolve, random_search
+from onnxq.search.evolution import EvolutionSettings, SearchResult, evolve, random_search
 from onnxq.search.graph import BLOCK_INPUT, lift_activation_scales, suffix_model, with_outputs
-from onnxq.stages.evolq import EvolqSearch, bias_sources
+from onnxq.search.keep import decide, relative_changes
+from onnxq.search.worker import candidate_scales, score_candidate
+from onnxq.stages.evolq import EvolqSearch, _BlockRunner, bias_sources, with_scales
 from onnxq.stages.prepare import load_state, prepare_state
 from onnxq.state import run_stages
 
@@ -122,10 +128,13 @@ def test_search_undoes_a_spoiled_scale_and_keeps_only_what_selection_confirms():
     assert group in first.groups and first.kept
     assert first.loss_before > 1.2 * calibrated_loss  # the spoil costs loss ...
     assert first.loss_after < calibrated_loss  # ... and the search wins all of it back
-    for block in report.blocks:  # kept exactly when both the search and the selection loss fell
-        improved = block.loss_after < block.loss_before
-        confirmed = block.selection_after is not None and block.selection_after < block.selection_before
+    for block in report.blocks:  # kept exactly when the search loss, the pooled selection loss
+        improved = block.loss_after < block.loss_before  # and the median selection feed's fell
+        confirmed = (block.selection_after is not None and block.selection_after < block.selection_before
+                     and 2 * block.selection_improved > report.selection_feeds)
         assert block.kept == (improved and confirmed)
+    acceptance = report.acceptance  # against the spoiled scales, the base this search started from
+    assert acceptance.accepted == (acceptance.searched_cosine >= acceptance.base_cosine)
     assert report.evaluations <= 160 + 8 * len(report.blocks)
 
 
@@ -139,7 +148,111 @@ def test_same_seed_gives_a_byte_identical_model():
     assert first.search.evaluations > 0
     plain = onnxq.quantize(small_cnn(), feeds, QuantConfig())
     kept = [b for b in first.search.blocks if b.kept]
-    assert (first.model.SerializeToString() != plain.model.SerializeToString()) == bool(kept)
+    written = bool(kept) and first.search.acceptance.accepted
+    assert (first.model.SerializeToString() != plain.model.SerializeToString()) == written
+    card = quantization_card(first)
+    json.dumps(card)  # plain data
+    acceptance = card["search"]["acceptance"]
+    assert acceptance is None or acceptance["reason"] in card_markdown(card)
+    assert {"selection_median_change", "selection_improved_feeds"} <= set(card["search"]["blocks"][0])
+
+
+def _pooled_and_per_feed_mse(session, float_model, feeds):
+    """Relative output MSE of a session against the float model: pooled over feeds, and per feed."""
+    reference = ort.InferenceSession(float_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pairs = [(reference.run(None, f)[0].astype(np.float64), session.run(None, f)[0].astype(np.float64))
+             for f in feeds]
+    errors = np.array([np.sum((q - r) ** 2) for r, q in pairs])
+    energies = np.array([np.sum(r ** 2) for r, _ in pairs])
+    return errors.sum() / energies.sum(), errors / energies
+
+
+def test_keep_rule_rejects_a_block_that_helps_an_outlier_feed_and_hurts_most():
+    """Seven ordinary selection feeds and one 4x louder (its activations clip at the calibrated
+    ranges). Widening every scale 4x cuts the loud feed's clipping, which dominates the pooled MSE,
+    while every ordinary feed gets a 4x coarser grid: the pooled loss falls, most feeds get worse."""
+    state = _calibrated(QuantConfig(holdout=2, search=ScaleSearch.EVOLQ), small_cnn_feeds(24))
+    selection = small_cnn_feeds(8, seed=5)
+    selection[0] = {"x": selection[0]["x"] * 4}
+    lifted = lift_activation_scales(emit(state.model, state.plan, state.qparams), state.plan,
+                                    bias_sources(state))
+    block = partition(state.model, state.plan, 1, 1)[0]  # one block: every activation group
+    block = dataclasses.replace(block, groups=tuple(g for g in block.groups if g in lifted.inputs))
+    runner = _BlockRunner(state, lifted, [block], small_cnn_feeds(4, seed=6), selection)
+    widened = np.full(len(block.groups), np.log(4.0))
+    decision = runner._selection(block, runner._suffix(block), SearchResult(widened, 0.0, 1.0, 1, (0.0,)))
+    moved = with_scales(state.qparams, candidate_scales(runner.current, block.groups, widened))
+    per_feed = []
+    for qparams, pooled in ((state.qparams, decision.pooled_before), (moved, decision.pooled_after)):
+        session = _unfused(emit(state.model, state.plan, qparams))  # the emitted model, as written
+        expected, alone = _pooled_and_per_feed_mse(session, state.float_model, selection)
+        np.testing.assert_allclose(pooled, expected, rtol=1e-5)
+        per_feed.append(alone)
+    assert np.sum(per_feed[1] < per_feed[0]) == decision.improved_feeds
+    assert decision.pooled_after < 0.01 * decision.pooled_before  # the old, pooled rule kept it
+    assert decision.improved_feeds == 1 and decision.median_change > 1  # the loud feed alone
+    assert not decision.kept and "1 of 8 better" in decision.reason
+
+
+@pytest.mark.parametrize("weighting", ["pooled", "equal"])
+def test_search_loss_weighs_feeds_as_configured(weighting):
+    """The search loss of a candidate, pooled or the mean of each feed's own, equals the relative
+    MSE of the emitted model with those scales, computed here from ORT's outputs."""
+    config = QuantConfig(holdout=2, search=ScaleSearch.EVOLQ, evolq=EvolqConfig(feed_weighting=weighting))
+    state = _calibrated(config, small_cnn_feeds(24))
+    search = small_cnn_feeds(6, seed=5)
+    search[0] = {"x": search[0]["x"] * 3}
+    lifted = lift_activation_scales(emit(state.model, state.plan, state.qparams), state.plan,
+                                    bias_sources(state))
+    block = partition(state.model, state.plan, 1, 1)[0]
+    block = dataclasses.replace(block, groups=tuple(g for g in block.groups if g in lifted.inputs))
+    runner = _BlockRunner(state, lifted, [block], search, [])
+    handle = Shared.inline(runner._job(block, runner._suffix(block), "search", 1))
+    multipliers = np.linspace(-0.1, 0.2, len(block.groups))
+    moved = with_scales(state.qparams, candidate_scales(runner.current, block.groups, multipliers))
+    pooled, alone = _pooled_and_per_feed_mse(_unfused(emit(state.model, state.plan, moved)),
+                                             state.float_model, search)
+    expected = pooled if weighting == "pooled" else alone.mean()
+    assert abs(pooled - alone.mean()) > 0.1 * pooled  # the loud feed: the two weightings differ
+    np.testing.assert_allclose(score_candidate((handle, multipliers)), expected, rtol=1e-5)
+
+
+def test_keep_rule_on_paired_feed_losses():
+    pooled = dict(pooled_before=1.0, pooled_after=0.9)
+    assert decide(**pooled, before=np.array([1.0, 2, 3]), after=np.array([0.9, 1.9, 3.5])).kept
+    tie = decide(**pooled, before=np.array([1.0, 2, 3, 4]), after=np.array([0.5, 2.2, 1.5, 4.4]))
+    assert tie.median_change < 0 and tie.improved_feeds == 2
+    assert not tie.kept  # half the feeds better is not a majority
+    assert not decide(1.0, 1.0, np.array([1.0]), np.array([0.5])).kept  # pooled loss must fall
+    exact = relative_changes(np.array([0.0, 0.0, 2.0]), np.array([0.0, 1e-9, 1.0]))
+    np.testing.assert_array_equal(exact, [0.0, np.inf, -0.5])
+
+
+def test_a_search_that_makes_held_out_fidelity_worse_writes_the_base_scales():
+    """The search and selection feeds are 4x louder than the held-out ones: the search widens the
+    scales for them (both its checks agree), the held-out feeds find the model worse, and the
+    acceptance writes the base scales: the model equals the one quantized without the search."""
+    feeds = small_cnn_feeds(36)
+    config = QuantConfig(holdout=4, search=ScaleSearch.EVOLQ,
+                         evolq=EvolqConfig(budget=96, search_feeds=20, selection_feeds=10))
+    state = _calibrated(config, feeds)
+    loud = [{"x": feed["x"] * 4} for feed in state.calibration]
+    state.calibration = open_calibration(loud, state.float_model)
+    base = model_io.to_proto(emit(state.model, state.plan, state.qparams)).SerializeToString()
+    EvolqSearch().run(state)
+    report = state.reports["search"]
+    assert any(block.kept for block in report.blocks)
+    acceptance = report.acceptance
+    assert not acceptance.accepted and acceptance.feeds == 4
+    assert acceptance.searched_cosine < acceptance.base_cosine
+    assert "rejected" in acceptance.reason and f"{acceptance.base_cosine:.5f}" in acceptance.reason
+    assert model_io.to_proto(emit(state.model, state.plan, state.qparams)).SerializeToString() == base
+    session = _unfused(emit(state.model, state.plan, state.qparams))
+    held_out = list(state.held_out)
+    reference = _unfused(state.float_model.SerializeToString())
+    cosines = [float(np.dot(r.ravel(), q.ravel()) / (np.linalg.norm(r) * np.linalg.norm(q)))
+               for r, q in ((reference.run(None, f)[0][0], session.run(None, f)[0][0]) for f in held_out)]
+    np.testing.assert_allclose(acceptance.base_cosine, np.mean(cosines), rtol=1e-4)
 
 
 def _weight_arrays(model: onnx.ModelProto) -> dict[str, bytes]:
@@ -179,6 +292,8 @@ def test_search_works_on_top_of_any_weight_searcher_and_leaves_the_weights(weigh
     ({"evolq": {"scope": "sideways"}}, "evolq scope"),
     ({"evolq": {"sigma": 0.01, "final_sigma": 0.1}}, "final_sigma <= sigma"),
     ({"evolq": {"elite": 8}}, "elite must be in"),
+    ({"evolq": {"feed_weighting": "loudest"}}, "evolq feed_weighting = 'loudest' is not one of"),
+    ({"evolq": {"feed_weighting": "equal", "loss": "infonce"}}, "needs loss mse or kl"),
     ({"search": "genetic"}, "search = 'genetic' is not one of: none, evolq"),
     ({"workers": 0}, "workers must be an integer >= 1"),
     ({"executor": "slurm"}, "executor must be local or ray"),

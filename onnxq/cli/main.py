@@ -284,6 +284,8 @@ def _print_summary(summary: dict) -> None:
         console.print(f"  scale search (evolq, {search['loss']} loss, {search['scope']}): "
                       f"{search['evaluations']} evaluations, {search['blocks_kept']} of "
                       f"{search['blocks']} blocks changed")
+        if search["acceptance"]:
+            console.print(f"  scale search {search['acceptance']['reason']}")
     console.print(f"  size: {summary['float_bytes'] / 1e6:.2f} MB -> "
                   f"{summary['quantized_bytes'] / 1e6:.2f} MB ({summary['size_ratio']:.3f}x)")
     _print_latency(console, summary["latency"])

@@ -12,6 +12,7 @@ seed and versions give the same card byte for byte: timings stay in the run's su
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,7 +116,10 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
             "blocks": [{"groups": len(b.groups), "input": b.input, "evaluations": b.evaluations,
                         "loss_before": b.loss_before, "loss_after": b.loss_after,
                         "selection_before": b.selection_before, "selection_after": b.selection_after,
-                        "kept": b.kept} for b in search.blocks]}
+                        "selection_median_change": b.selection_median_change,
+                        "selection_improved_feeds": b.selection_improved,
+                        "kept": b.kept} for b in search.blocks],
+            "acceptance": None if search.acceptance is None else dataclasses.asdict(search.acceptance)}
     if result.modes is not None:
         modes = result.modes
         card["activation_modes"] = {"measure": modes.measure, "feeds": modes.feeds, "chosen": modes.chosen,
@@ -174,7 +178,9 @@ def card_markdown(card: dict[str, Any]) -> str:
                      f"{search['scope']}; seed {search['seed']}): {search['evaluations']} evaluations on "
                      f"{search['search_feeds']} calibration feeds, {kept} of {len(search['blocks'])} "
                      f"blocks changed (each kept only if it also improved {search['selection_feeds']} "
-                     f"other calibration feeds)")
+                     f"other calibration feeds: their pooled loss and most feeds' own)")
+        if search.get("acceptance"):
+            lines.append(f"- scale search {search['acceptance']['reason']}")
     lines += _provenance_lines(card.get("provenance"))
     lines += ["", "## Fidelity", "", "| output | cosine | min cosine | SQNR dB | top-1 agree |",
               "|---|---|---|---|---|"]

@@ -8,6 +8,11 @@ which of them the block moves. A candidate is then only its vector of log-multip
     scales = current, with block scale i multiplied by e^{m_i}
     loss   = damage(reference outputs, suffix outputs on the feeds)
 
+With `equal_feeds`, the loss is the mean over feeds of each feed's own loss instead of the loss
+of all feeds pooled (onnxq.config.FeedWeighting). `score_feeds` also gives each feed's own loss
+(the keep rule's paired per-feed test, onnxq.search.keep); a contrastive loss needs a batch of
+rows, so per feed infoNCE is replaced by MSE there.
+
 The search opens one pool and shares each block's job with it once (`WorkerPool.share`); a
 task is `(handle, m)`. `score_candidate` resolves the handle and opens the job's session the
 first time a worker meets that job, then keeps both for the block's later candidates. It is
@@ -38,21 +43,42 @@ class BlockJob:
     measure: DamageMeasure
     scales: dict[str, np.ndarray]  # lifted input name -> current scale
     moved: tuple[str, ...]  # the inputs a candidate's multipliers apply to, in order
+    equal_feeds: bool = False  # the loss: mean of each feed's own (True) or pooled (False)
 
 
 _WORKER: dict[str, object] = {}  # the job this worker scores: its key, the job, its session
 
 
-def score_candidate(task: tuple[Shared, np.ndarray]) -> float:
-    """The loss of the job's block with its moved scales times e^multipliers."""
-    handle, multipliers = task
+def _job_and_session(handle: Shared) -> tuple[BlockJob, object]:
+    """The job behind `handle` and its session, opened the first time this process meets it."""
     if _WORKER.get("key") != handle.key:
         job: BlockJob = resolve(handle)
         session = sessions.open_session(job.model, "the search model", job.settings)
         _WORKER.update(key=handle.key, job=job, session=session)
-    job = _WORKER["job"]
+    return _WORKER["job"], _WORKER["session"]
+
+
+def score_candidate(task: tuple[Shared, np.ndarray]) -> float:
+    """The loss of the job's block with its moved scales times e^multipliers."""
+    handle, multipliers = task
+    job, session = _job_and_session(handle)
+    if job.equal_feeds:
+        return score_feeds(task)[0]
     return float(search_loss(job.measure, [list(r) for r in job.reference],
-                             run_candidate(job, _WORKER["session"], multipliers)))
+                             run_candidate(job, session, multipliers)))
+
+
+def score_feeds(task: tuple[Shared, np.ndarray]) -> tuple[float, np.ndarray]:
+    """The loss of a candidate, as `score_candidate`, and the loss of each feed alone."""
+    handle, multipliers = task
+    job, session = _job_and_session(handle)
+    reference = [list(r) for r in job.reference]
+    outputs = run_candidate(job, session, multipliers)
+    per_feed = DamageMeasure.MSE if job.measure is DamageMeasure.INFONCE else job.measure
+    alone = np.asarray([search_loss(per_feed, [ref], [got])
+                        for ref, got in zip(reference, outputs, strict=True)], np.float64)
+    loss = float(np.mean(alone)) if job.equal_feeds else float(search_loss(job.measure, reference, outputs))
+    return loss, alone
 
 
 def release_worker() -> None:
