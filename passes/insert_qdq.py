@@ -365,7 +365,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def _insert_pair(graph: ir.Graph, value: ir.Value, scale: ir.Value,
                      zero_point: ir.Value) -> None:
         dequantized = ir.Value(name=f"{value.name}_dq", shape=value.shape, type=value.type)
-        value.replace_all_uses_with(dequantized)
+        for use in list(value.uses()):  # a graph output keeps the float value
+            use.node.replace_input_with(use.idx, dequantized)
         quantize = ir.Node("", "QuantizeLinear", [value, scale, zero_point],
                            outputs=[ir.Value(name=f"{value.name}_q")], name=f"{value.name}_q")
         dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero_point],
