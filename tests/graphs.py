@@ -132,3 +132,25 @@ def padded_cnn(mode: str = "constant", value: float | None = None, pool: str = "
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, None, None])],
                   inits, opset=18)
+
+
+def swish_cnn(seed: int = 0) -> onnx.ModelProto:
+    """PP-OCRv4's swish between two Convs: its sigmoid branch starts with a Mul by a constant,
+    so the swish Mul has one quantized input (the Conv output) and one float (the sigmoid):
+
+    x -> Conv a -> c -> Mul(c, sigmoid(c * k)) -> Conv b -> Relu -> y
+    """
+    rng = np.random.default_rng(seed)
+    inits = [_init("wa", rng.normal(0, 0.3, (8, 3, 3, 3))), _init("ba", rng.normal(0, 0.1, 8)),
+             _init("wb", rng.normal(0, 0.2, (6, 8, 3, 3))), _init("bb", rng.normal(0, 0.1, 6)),
+             _init("k", np.array(1.5))]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["c"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c", "k"], ["ck"], name="scale"),
+        helper.make_node("Sigmoid", ["ck"], ["s"], name="sigmoid"),
+        helper.make_node("Mul", ["c", "s"], ["sw"], name="swish"),
+        helper.make_node("Conv", ["sw", "wb", "bb"], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["cb"], ["y"], name="relu"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 16, 16])], inits)

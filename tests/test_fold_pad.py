@@ -1,5 +1,5 @@
-"""Pads in front of Conv / pooling: folded in float exactly, the rest run on codes, and the
-float islands ORT leaves (DequantizeLinear -> float op -> QuantizeLinear) listed by bench."""
+"""Pads in front of Conv / pooling: folded in float exactly, the rest run on codes; either way
+no float Pad is left between a DequantizeLinear and a QuantizeLinear in ORT's graph."""
 
 import numpy as np
 import onnx
@@ -14,7 +14,6 @@ from onnxq.config import QuantConfig
 from onnxq.passes import prepare
 from onnxq.passes.fold_pad import FoldPadPass
 from onnxq.passes.insert_qdq import InsertQDQPass
-from onnxq.report.bench import BenchSettings, benchmark_model, make_feed
 from onnxq.report.kernels import float_islands, op_counts, optimized_graph
 
 RNG_FEEDS = np.random.default_rng(7)
@@ -108,29 +107,3 @@ def test_unfoldable_pad_runs_on_codes_with_the_same_outputs(mode, value):
     x = FEEDS[0]["x"]
     np.testing.assert_array_equal(_run(result.model, x), _run(ir.to_proto(float_pad), x))
     assert _cosine(_run(result.model, x), _run(proto, x)) > 0.999
-
-
-def _qdq_island_model() -> onnx.ModelProto:
-    """x -> Q -> DQ -> Erf -> Q -> DQ -> y: ORT has no integer Erf, so it stays a float island."""
-    inits = [numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="x_q"),
-             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="x_dq"),
-             helper.make_node("Erf", ["xd"], ["e"], name="erf"),
-             helper.make_node("QuantizeLinear", ["e", "s", "z"], ["eq"], name="e_q"),
-             helper.make_node("DequantizeLinear", ["eq", "s", "z"], ["y"], name="e_dq")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
-
-
-def test_bench_lists_the_float_islands_of_a_model(tmp_path):
-    path = tmp_path / "island.onnx"
-    onnx.save(_qdq_island_model(), str(path))
-    islands = float_islands(optimized_graph(onnx.load(str(path))))
-    assert [(island.op_type, island.node) for island in islands] == [("Erf", "erf")]
-    settings = BenchSettings(warmup=0, runs=2)
-    result = benchmark_model(path, make_feed(path, settings), settings)
-    assert result.float_islands == ("Erf erf",)
-    folded = tmp_path / "folded.onnx"
-    onnx.save(onnxq.quantize(padded_cnn(), FEEDS, CONFIG).model, str(folded))
-    assert benchmark_model(folded, make_feed(folded, settings), settings).float_islands == ()
