@@ -4,10 +4,12 @@ graph (a fusion ORT missed). Bench lists them; annotate closes those of joins wi
 import numpy as np
 import onnx
 import onnxruntime as ort
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from graphs import padded_cnn, swish_cnn
+from onnxq.cli.bench import bench
 from onnxq.config import QuantConfig
 from onnxq.report.bench import BenchSettings, benchmark_model, make_feed
 from onnxq.report.kernels import float_islands, integer_kernel_counts, op_counts, optimized_graph
@@ -38,6 +40,9 @@ def test_bench_lists_the_float_islands_of_a_model(tmp_path):
     settings = BenchSettings(warmup=0, runs=2)
     result = benchmark_model(path, make_feed(path, settings), settings)
     assert result.float_islands == ("Erf erf",)
+    printed = CliRunner().invoke(bench, [str(path), "--runs", "2", "--warmup", "0"])
+    assert printed.exit_code == 0
+    assert "float islands (DequantizeLinear -> float op -> QuantizeLinear): Erf erf" in printed.output
     folded = tmp_path / "folded.onnx"
     onnx.save(onnxq.quantize(padded_cnn(), FEEDS, CONFIG).model, str(folded))
     assert benchmark_model(folded, make_feed(folded, settings), settings).float_islands == ()
