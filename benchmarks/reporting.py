@@ -28,6 +28,18 @@ def _kernels(counts: dict[str, int] | None) -> str:
     return ", ".join(f"{op} {n}" for op, n in counts.items()) or "none"
 
 
+def _islands(islands: list[str] | None) -> str:
+    """'; float islands: Mul 2, Concat 1' (DequantizeLinear -> float op -> QuantizeLinear in
+    ORT's optimized graph), or nothing when there are none or they were not recorded."""
+    if not islands:
+        return ""
+    counts: dict[str, int] = {}
+    for island in islands:
+        op = island.split(" ", 1)[0]
+        counts[op] = counts.get(op, 0) + 1
+    return "; float islands: " + ", ".join(f"{op} {n}" for op, n in counts.items())
+
+
 def _ratio(row: dict[str, Any], threads: int) -> str:
     entry = row.get(str(threads))
     return f"{entry['ratio']:.2f}" if entry else "-"
@@ -84,7 +96,7 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(failed + " |" * (len(metrics) + 6))
                 continue
             values = " | ".join(f"{row['metrics'][m]:.4f}" for m in metrics)
-            kernels = _kernels(row.get("integer_kernels"))
+            kernels = _kernels(row.get("integer_kernels")) + _islands(row.get("float_islands"))
             if "error" in row:  # quantized and evaluated, but latency failed
                 kernels = f"{kernels}; {_cell(row['error'])}"
             lines.append(f"| {_label(row['label'], {name: model})} | {values} | "

@@ -180,8 +180,8 @@ def latency_feed_path(feeds: list[Path]) -> Path:
 
 
 def measure_latency(paths: dict[str, Path], feed_path: Path, plan: LatencyPlan) -> dict[str, dict]:
-    """label -> {threads: {"p50_ms", "p90_ms", "ratio"}, "integer_kernels"} or {"error"}; the
-    first entry of `paths` is the float model, the reference of the ratios."""
+    """label -> {threads: {"p50_ms", "p90_ms", "ratio"}, "integer_kernels", "float_islands"} or
+    {"error"}; the first entry of `paths` is the float model, the reference of the ratios."""
     from onnxq.report.bench import BenchSettings, benchmark_model, make_feed
 
     labels = list(paths)
@@ -204,6 +204,7 @@ def measure_latency(paths: dict[str, Path], feed_path: Path, plan: LatencyPlan) 
                 p50s.setdefault((label, threads), []).append(result.p50_ms)
                 p90s.setdefault((label, threads), []).append(result.p90_ms)
                 out[label]["integer_kernels"] = result.integer_kernels
+                out[label]["float_islands"] = list(result.float_islands)
         print(f"  latency round {round_index + 1}/{plan.rounds} done", flush=True)
     for label in labels:
         if "error" in out[label]:

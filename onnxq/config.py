@@ -430,6 +430,9 @@ class QuantConfig:
             node name by equality or by glob pattern ("*attention*").
         quantize_activation_matmul: also quantize MatMuls whose both operands are activations
             (attention scores and context in transformers).
+        close_float_islands: quantize the float inputs of a join (Add, Mul, Concat) whose
+            output and other inputs are quantized, so that ORT runs its integer kernel instead
+            of a float op between a DequantizeLinear and a QuantizeLinear (passes/annotate.py).
         smooth: apply SmoothQuant to the inputs of MatMuls with constant weights (moves
             per-channel activation outliers into the weights; exact in float).
         smooth_alpha: SmoothQuant's migration strength, in [0, 1]. None (default): 0.8 with
@@ -492,6 +495,7 @@ class QuantConfig:
     quantize_gather: bool = True
     exclude: tuple[str, ...] = ()
     quantize_activation_matmul: bool = True
+    close_float_islands: bool = True
     smooth: bool = True
     smooth_alpha: float | None = None
     equalize: bool = True

@@ -7,7 +7,8 @@ MatMulNBits, int2 containers) come from the config through `emit_options`. Where
 containers need a newer opset than the prepared model has (int2: 25), the copy is upgraded
 first with the same version converter `prepare` uses. Dynamic layers (the plan's
 `dynamic_layers`) are rewritten after the Q/DQ pass, into DynamicQuantizeLinear and an integer
-MatMul (onnxq.passes.dynamic_quantize).
+MatMul (onnxq.passes.dynamic_quantize). A Pad left between a DequantizeLinear and a
+QuantizeLinear of one group is moved onto the codes (onnxq.passes.integer_pad).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from onnxq import model_io
 from onnxq.config import QuantConfig
 from onnxq.passes.dynamic_quantize import DynamicQuantizePass
 from onnxq.passes.insert_qdq import EmitOptions, InsertQDQPass, required_opset
+from onnxq.passes.integer_pad import IntegerPadPass
 from onnxq.passes.upgrade_opset import UpgradeOpsetPass
 from onnxq.plan import QuantPlan
 from onnxq.qparams import QParams
@@ -44,6 +46,7 @@ def emit(model: ir.Model, plan: QuantPlan, qparams: QParams,
     if copy.opset_imports.get("", 1) < needed:
         copy = UpgradeOpsetPass(needed)(copy).model
     copy = InsertQDQPass(static, qparams, options)(copy).model
+    copy = IntegerPadPass()(copy).model  # Pads that did not fold run on codes
     if plan.dynamic_layers:
         copy = DynamicQuantizePass(plan, qparams, options.dynamic_uint8_weights)(copy).model
     return model_io.in_memory(copy)  # float tensors left mapped from a file are read in

@@ -3,7 +3,7 @@
 `prepare()` is the fixed pipeline every model goes through before it is annotated:
 
     name nodes -> Constant nodes to initializers -> fold BatchNorm -> opset >= 13
-      -> shape inference -> remove dead nodes
+      -> fold constant Pads into Conv / pooling pads -> shape inference -> remove dead nodes
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common
 
 from onnxq.passes.fold_batchnorm import FoldBatchNormPass
+from onnxq.passes.fold_pad import FoldPadPass
 from onnxq.passes.upgrade_opset import UpgradeOpsetPass
 
 QDQ_MIN_OPSET = 13
@@ -24,6 +25,7 @@ def prepare_pipeline(min_opset: int = QDQ_MIN_OPSET) -> ir.passes.PassManager:
         common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
         FoldBatchNormPass(),
         UpgradeOpsetPass(min_opset),
+        FoldPadPass(),
         common.RemoveUnusedNodesPass(),
         common.ShapeInferencePass(strict_mode=False),
         common.NameFixPass(),

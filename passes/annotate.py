@@ -6,7 +6,9 @@ One walk in topological order, driven by the op table (passes/op_table.py):
                      its constant weight per channel, its 1-D bias as int32
     chain node    -> when its input is quantized and feeds it alone, its output joins the
                      input's group (shared scale / zero point)
-    join node     -> quantized when all its activation inputs are; then so is its output
+    join node     -> quantized when all its activation inputs are; then so is its output;
+                     also when its output is quantized and only some inputs are (a float
+                     island in ORT): the others, read by it alone, are quantized too
 
 Nodes matched by `config.exclude` (node name, op type, or a glob over node names) stay float;
 an entry that matches no node is an error. `config.layer_bits` rules ("PATTERN=BITS", the last
@@ -134,6 +136,11 @@ def annotate(model: ir.Model, config: QuantConfig, calibrated: bool = True) -> Q
     for node in graph:
         if node.name not in walk.plan.quantized_nodes:
             walk.other_node(node, rule_for(node))
+    # Joins left between quantized tensors with a float input: quantize that input too; last
+    # to first, so that a join whose output just became quantized is seen after.
+    for node in reversed(list(graph)) if config.close_float_islands else ():
+        if node.name not in walk.plan.quantized_nodes and node.name not in excluded:
+            walk.close_island(node, rule_for(node))
     plan = walk.plan
     for reason_node in list(plan.float_reasons):
         if reason_node in plan.quantized_nodes:
@@ -254,6 +261,37 @@ class _Walk:
                 return
         plan.float_nodes[node.name] = node.op_type
         plan.float_reasons.setdefault(node.name, "inputs not quantized")
+
+    def close_island(self, node: ir.Node, rule) -> None:
+        """A join whose output is quantized (a compute node reads it) and whose inputs are
+        quantized but for some read by it alone: ORT would run it in float between a
+        DequantizeLinear and a QuantizeLinear (a float island: the swish x * sigmoid(k x) of
+        PP-OCRv4, a Concat of a pooled and a float branch). Quantizing those inputs too lets
+        ORT run its integer kernel (QLinearMul, QLinearAdd, QLinearConcat)."""
+        if rule is None or rule.kind is not OpKind.JOIN:
+            return
+        missing = _island_inputs(node, rule, self.groups)
+        if not missing:
+            return
+        for value in missing:
+            self.groups.add(value.name)
+        self.plan.quantized_nodes[node.name] = node.op_type
+        self.plan.float_nodes.pop(node.name, None)
+        self.plan.float_reasons.pop(node.name, None)
+
+
+def _island_inputs(node: ir.Node, rule, groups: _Groups) -> list[ir.Value]:
+    """The float activation inputs that keep a join between quantized tensors in float (its
+    output and at least one input quantized; the others each read by this join alone); empty
+    when it is no such island."""
+    inputs = [node.inputs[i] for i in activation_input_indices(node, rule)
+              if i < len(node.inputs) and node.inputs[i] is not None]
+    if not inputs or node.outputs[0].name not in groups or any(_is_constant(v) for v in inputs):
+        return []
+    missing = [v for v in inputs if v.name not in groups]
+    if len(missing) == len(inputs) or any(len(v.uses()) != 1 or v.is_graph_output() for v in missing):
+        return []
+    return missing
 
 
 def _add_activation_groups(graph: ir.Graph, plan: QuantPlan, groups: _Groups, config: QuantConfig) -> None:

@@ -32,13 +32,18 @@ the last block padded with q = 8, i.e. 0), and scales (N * K_blocks) repeat the 
 scale over the K blocks, so W_hat = (q - 8) * s is exactly the searcher's (codes - z) * s.
 No zero_points input: MatMulNBits assumes 8 when it is absent.
 
-A 2-4 bit embedding table T (V, D) read by Gather(axis 0) with per-row scales becomes
-com.microsoft GatherBlockQuantized (`EmitOptions.gather_block_quantized`):
+An embedding table T (V, D) read by Gather(axis 0) with per-row scales becomes
+com.microsoft GatherBlockQuantized (`EmitOptions.gather_block_quantized`), which dequantizes
+only the rows it gathers (a DQ -> Gather dequantizes the whole table on every run):
 
-    T_q (int4) -> DQ(axis 0) -> Gather(ids)   becomes   GatherBlockQuantized(T_q, ids, scales)
+    T_q -> DQ(axis 0) -> Gather(ids)   becomes   GatherBlockQuantized(T_q, ids, scales)
 
 with blocks of bs | D along each row (quantize_axis 1) and scales (V, D / bs) repeating each
-row's scale; zero points (int4, same shape) only where they are not all 0.
+row's scale. 2-4 bit codes are int4 (bits=4), zero points (int4, same shape) only where they are
+not all 0. 5-8 bit codes are uint8 (bits=8, the only 8-bit type ORT 1.32's kernel takes):
+signed codes c are stored as c + 128 and their zero point as z + 128, the kernel's default when
+the zero_points input is absent, so a symmetric table (z = 0) needs none. 7-bit codes
+(reduce_range) are stored the same way.
 """
 
 from __future__ import annotations
@@ -95,9 +100,10 @@ class EmitOptions:
         the kernel reads the float activation).
     int2: store 2-bit codes as packed int2 (opset 25). Off: ORT 1.31 cannot load the fused
         integer kernels it makes of them (see the module docstring).
-    gather_block_quantized: a 2-4 bit embedding table (Gather along axis 0, per-row scales)
-        as com.microsoft GatherBlockQuantized, which dequantizes only the gathered rows; a
-        DQ -> Gather dequantizes the whole table on every run (MiniLM: ~10 ms of a 25 ms run).
+    gather_block_quantized: an embedding table (Gather along axis 0, per-row scales) as
+        com.microsoft GatherBlockQuantized (bits=4 up to 4 bits, bits=8 above), which
+        dequantizes only the gathered rows; a DQ -> Gather dequantizes the whole table on every
+        run (MiniLM: ~10 ms of a 25 ms run).
     dynamic_uint8_weights: dynamic layers store their codes as uint8 (code + 128, zero point
         + 128), for CPUs whose u8 x s8 kernels saturate (onnxq.passes.dynamic_quantize).
     """
@@ -126,23 +132,25 @@ class Storage(enum.Enum):
     INT2 = "int2"
     NBITS = "MatMulNBits"  # 4-bit blocks along K
     GATHER_BLOCKS = "GatherBlockQuantized"  # int4 table, blocks along each row
+    GATHER_BLOCKS_8 = "GatherBlockQuantized 8-bit"  # uint8 table, blocks along each row
 
     @property
     def bits(self) -> int:
         """Bits per stored code."""
-        return {Storage.INT8: 8, Storage.INT2: 2}.get(self, 4)
+        return {Storage.INT8: 8, Storage.INT2: 2, Storage.GATHER_BLOCKS_8: 8}.get(self, 4)
 
 
 def weight_storage(op_type: str, shape: tuple[int, ...], axis: int | None, grid: IntRange,
                    options: EmitOptions) -> Storage:
     """The container of a weight's codes (see the module docstring)."""
+    gather_blocks = (options.gather_block_quantized and op_type == "Gather" and len(shape) == 2
+                     and axis in (None, 0) and gather_block_size(shape[1]) is not None)
     if grid.bits > 4:
-        return Storage.INT8
+        return Storage.GATHER_BLOCKS_8 if gather_blocks else Storage.INT8
     if (options.matmul_nbits and op_type == "MatMul" and len(shape) == 2
             and (axis is None or axis % 2 == 1)):
         return Storage.NBITS
-    if (options.gather_block_quantized and op_type == "Gather" and len(shape) == 2
-            and axis in (None, 0) and gather_block_size(shape[1]) is not None):
+    if gather_blocks:
         return Storage.GATHER_BLOCKS
     if grid.bits <= 2 and options.int2 and not (op_type == "MatMul" and shape[-1] % 4):
         return Storage.INT2
@@ -165,6 +173,20 @@ def gather_block_size(row: int) -> int | None:
     """The largest block size of NBITS_BLOCK_SIZES dividing a table's row length, if any."""
     sizes = [size for size in NBITS_BLOCK_SIZES if row % size == 0]
     return max(sizes) if sizes else None
+
+
+def gather_block_codes(params: WeightParams, grid: IntRange,
+                       storage: Storage) -> tuple[np.ndarray, np.ndarray, int]:
+    """A GatherBlockQuantized table's stored codes, its zero points (per row) and the zero
+    point the kernel assumes without a zero_points input: int4 codes with 0; for 8 bits, uint8
+    codes (c + 128 when signed) with 128."""
+    zero_point = np.asarray(params.zero_point).reshape(-1)
+    if storage is Storage.GATHER_BLOCKS:
+        dtype = storage_dtype(grid, Storage.GATHER_BLOCKS)
+        return params.codes.astype(dtype), zero_point.astype(dtype), 0
+    shift = 128 if grid.signed else 0
+    return ((params.codes.astype(np.int16) + shift).astype(np.uint8),
+            (zero_point.astype(np.int16) + shift).astype(np.uint8), 128)
 
 
 def nbits_block_size(k: int, options: EmitOptions) -> int:
@@ -280,8 +302,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if storage is Storage.NBITS:
                 nodes[spec.node] = self._matmul_nbits(model, node, spec, params, stem)
                 continue
-            if storage is Storage.GATHER_BLOCKS:
-                nodes[spec.node] = self._gather_blocks(model, node, spec, params, stem)
+            if storage in (Storage.GATHER_BLOCKS, Storage.GATHER_BLOCKS_8):
+                nodes[spec.node] = self._gather_blocks(model, node, spec, params, stem, storage)
                 continue
             dtype = storage_dtype(spec.grid, storage)
             codes = _initializer(graph, f"{stem}_q", params.codes.astype(dtype))
@@ -336,7 +358,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return replacement
 
     def _gather_blocks(self, model: ir.Model, node: ir.Node, spec: WeightQuant,
-                       params: WeightParams, stem: str) -> ir.Node:
+                       params: WeightParams, stem: str, storage: Storage) -> ir.Node:
         """Replace Gather(T, ids) by GatherBlockQuantized(T_q, ids, scales[, zero points])."""
         graph = model.graph
         rows, row = params.codes.shape
@@ -347,13 +369,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
             values = np.broadcast_to(np.asarray(values).reshape(-1, 1), (rows, 1))
             return np.repeat(values, blocks, axis=1).astype(dtype)
 
-        dtype = storage_dtype(spec.grid, Storage.GATHER_BLOCKS)
-        inputs = [_initializer(graph, f"{stem}_q", params.codes.astype(dtype)), node.inputs[1],
+        codes, zero_point, default_zero_point = gather_block_codes(params, spec.grid, storage)
+        inputs = [_initializer(graph, f"{stem}_q", codes), node.inputs[1],
                   _initializer(graph, f"{stem}_s", per_block(params.scale, np.float32))]
-        if np.any(np.asarray(params.zero_point) != 0):
-            inputs.append(_initializer(graph, f"{stem}_zp", per_block(params.zero_point, dtype)))
+        if np.any(zero_point != default_zero_point):
+            inputs.append(_initializer(graph, f"{stem}_zp", per_block(zero_point, codes.dtype)))
         attributes = [ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
-                      ir.AttrInt64("block_size", block), ir.AttrInt64("bits", 4)]
+                      ir.AttrInt64("block_size", block), ir.AttrInt64("bits", storage.bits)]
         replacement = ir.Node(NBITS_DOMAIN, "GatherBlockQuantized", inputs, attributes,
                               num_outputs=1, name=node.name)
         model.opset_imports.setdefault(NBITS_DOMAIN, 1)
@@ -365,7 +387,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def _insert_pair(graph: ir.Graph, value: ir.Value, scale: ir.Value,
                      zero_point: ir.Value) -> None:
         dequantized = ir.Value(name=f"{value.name}_dq", shape=value.shape, type=value.type)
-        value.replace_all_uses_with(dequantized)
+        for use in list(value.uses()):  # a graph output keeps the float value
+            use.node.replace_input_with(use.idx, dequantized)
         quantize = ir.Node("", "QuantizeLinear", [value, scale, zero_point],
                            outputs=[ir.Value(name=f"{value.name}_q")], name=f"{value.name}_q")
         dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero_point],

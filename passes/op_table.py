@@ -7,9 +7,10 @@ Three kinds of op take part in an integer chain:
   always quantized; their constant weight is quantized per channel along `weight_axis`; a
   1-D bias becomes int32 with scale s_x * s_w. Conv-like ops also quantize their output,
   because ORT only fuses DQ -> Conv -> Q into QLinearConv with the Q there.
-- chain ops (Relu, Clip, MaxPool, Reshape, Transpose, ...) move or clamp values without new
-  ones: when their input is quantized and feeds only them, their output shares the input's
-  scale and zero point, so ORT drops the Q/DQ pair around them and the chain stays integer.
+- chain ops (Relu, Clip, MaxPool, Reshape, Transpose, Pad, ...) move or clamp values without
+  new ones: when their input is quantized and feeds only them, their output shares the input's
+  scale and zero point, so ORT drops the Q/DQ pair around them and the chain stays integer
+  (a Pad, which ORT has no selector for, is moved onto the codes by passes/integer_pad.py).
 - Gather of a constant table (an embedding) is a compute op without activation inputs: its
   table is quantized per row (axis 0) and dequantized in front of the Gather; the gathered
   rows stay float.
@@ -83,6 +84,7 @@ OP_RULES: dict[str, OpRule] = {
     "Squeeze": OpRule(OpKind.CHAIN),
     "Unsqueeze": OpRule(OpKind.CHAIN),
     "Identity": OpRule(OpKind.CHAIN),
+    "Pad": OpRule(OpKind.CHAIN),  # runs on codes (passes/integer_pad.py) where it did not fold
     "Add": OpRule(OpKind.JOIN, (0, 1)),
     "Mul": OpRule(OpKind.JOIN, (0, 1)),
     "Concat": OpRule(OpKind.JOIN, ()),  # all inputs: variadic

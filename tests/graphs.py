@@ -99,3 +99,58 @@ def affine_cnn(seed: int = 0) -> onnx.ModelProto:
     ]
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 12, 12])], inits)
+
+
+def padded_cnn(mode: str = "constant", value: float | None = None, pool: str = "MaxPool",
+               seed: int = 0) -> onnx.ModelProto:
+    """TensorFlow-style "SAME" padding as separate Pads, as exporters write it:
+
+    x -> Pad(0,0 | 1,2) -> Conv a -> Relu -> Pad(1,1 | 1,1) -> pool(3x3) -> Pad -> Conv b -> y
+
+    The first and last Pads use `mode` and `value`; the pool's Pad is always zero constant
+    (exact to fold into a MaxPool after the Relu, and into an AveragePool that counts pads).
+    """
+    rng = np.random.default_rng(seed)
+    inits = [_init("wa", rng.normal(0, 0.3, (8, 3, 3, 3))), _init("ba", rng.normal(0, 0.1, 8)),
+             _init("wb", rng.normal(0, 0.2, (6, 8, 3, 3))), _init("bb", rng.normal(0, 0.1, 6)),
+             numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads_a"),
+             numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads_p")]
+    value_input = []
+    if value is not None:
+        inits.append(_init("pad_value", np.array(value)))
+        value_input = ["pad_value"]
+    pool_attrs = {"kernel_shape": [3, 3], "strides": [2, 2]}
+    nodes = [
+        helper.make_node("Pad", ["x", "pads_a", *value_input], ["xp"], name="pad_a", mode=mode),
+        helper.make_node("Conv", ["xp", "wa", "ba"], ["a"], name="conv_a"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Pad", ["r", "pads_p"], ["rp"], name="pad_pool"),
+        helper.make_node(pool, ["rp"], ["p"], name="pool", **pool_attrs),
+        helper.make_node("Pad", ["p", "pads_a", *value_input], ["pp"], name="pad_b", mode=mode),
+        helper.make_node("Conv", ["pp", "wb", "bb"], ["y"], name="conv_b", pads=[0, 1, 0, 1]),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, None, None])],
+                  inits, opset=18)
+
+
+def swish_cnn(seed: int = 0) -> onnx.ModelProto:
+    """PP-OCRv4's swish between two Convs: its sigmoid branch starts with a Mul by a constant,
+    so the swish Mul has one quantized input (the Conv output) and one float (the sigmoid):
+
+    x -> Conv a -> c -> Mul(c, sigmoid(c * k)) -> Conv b -> Relu -> y
+    """
+    rng = np.random.default_rng(seed)
+    inits = [_init("wa", rng.normal(0, 0.3, (8, 3, 3, 3))), _init("ba", rng.normal(0, 0.1, 8)),
+             _init("wb", rng.normal(0, 0.2, (6, 8, 3, 3))), _init("bb", rng.normal(0, 0.1, 6)),
+             _init("k", np.array(1.5))]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["c"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c", "k"], ["ck"], name="scale"),
+        helper.make_node("Sigmoid", ["ck"], ["s"], name="sigmoid"),
+        helper.make_node("Mul", ["c", "s"], ["sw"], name="swish"),
+        helper.make_node("Conv", ["sw", "wb", "bb"], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["cb"], ["y"], name="relu"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 16, 16])], inits)

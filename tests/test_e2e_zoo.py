@@ -6,9 +6,11 @@ Stated bounds (default config, W8A8, 64 calibration feeds of which 4 are held ou
     digits              accuracy within 0.01 of float; every Conv a QLinearConv
     efficientnet_lite0  top-1 agreement with float >= 0.90, logit cosine >= 0.995;
                         every Conv a QLinearConv; file <= 0.27x float
-    minilm_l6           mean embedding cosine to float >= 0.99; every MatMul an integer kernel
+    minilm_l6           mean embedding cosine to float >= 0.99; every MatMul an integer kernel;
+                        the word table a GatherBlockQuantized (no DequantizeLinear left)
     ppocr_rec           clean exact match >= 0.95, hard-set exact match >= 0.45 (float 0.77;
-                        ORT quantize_static MinMax 0.30); Convs run as QLinearConv
+                        ORT quantize_static MinMax 0.30); Convs run as QLinearConv; no float
+                        islands (DequantizeLinear -> float op -> QuantizeLinear)
 
 Sub-8-bit weights (8-bit activations):
 
@@ -31,7 +33,7 @@ import pytest
 import onnxq
 from onnxq import zoo
 from onnxq.cpu import u8s8_saturates
-from onnxq.report.kernels import optimized_op_counts
+from onnxq.report.kernels import float_islands, op_counts, optimized_graph, optimized_op_counts
 
 
 def _quantize(name: str, tmp_path, config: onnxq.QuantConfig | None = None, tag: str = "int8"):
@@ -75,6 +77,8 @@ def test_minilm_l6(tmp_path):
     kernels = optimized_op_counts(result.model)
     integer = kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0)
     assert integer == float_ops["MatMul"]
+    # the 8-bit word table is read row by row, never dequantized whole
+    assert kernels.get("GatherBlockQuantized") == 1 and "DequantizeLinear" not in kernels
     assert result.fidelity.worst_cosine >= 0.99
 
 
@@ -83,8 +87,10 @@ def test_ppocr_rec(tmp_path):
     metrics = entry.evaluate(path, built)
     assert metrics["exact_clean"] >= 0.95
     assert metrics["exact_hard"] >= 0.45
-    kernels = optimized_op_counts(result.model)
+    graph = optimized_graph(result.model)
+    kernels = op_counts(graph)
     assert "Conv" not in kernels and kernels.get("QLinearConv", 0) > 30
+    assert float_islands(graph) == []  # the swish Muls and a Concat ran in float before
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "minilm_l6"])

@@ -210,12 +210,15 @@ def _gather_model(rows: int, row: int, seed: int = 0) -> tuple[onnx.ModelProto, 
     return model, table
 
 
-@pytest.mark.parametrize(("rows", "row", "bits", "signed"),
-                         [(50, 48, 4, True), (33, 64, 2, True), (20, 32, 4, False),
-                          (20, 24, 3, True)])
-def test_gather_block_quantized_equals_dequantize_gather(rows, row, bits, signed):
+@pytest.mark.parametrize(("rows", "row", "bits", "signed", "seven_bit"),
+                         [(50, 48, 4, True, False), (33, 64, 2, True, False), (20, 32, 4, False, False),
+                          (20, 24, 3, True, False), (50, 48, 8, True, False), (20, 64, 8, False, False),
+                          (20, 24, 8, True, False), (40, 32, 8, True, True)])
+def test_gather_block_quantized_equals_dequantize_gather(rows, row, bits, signed, seven_bit):
+    """A table as GatherBlockQuantized (bits=4 up to 4 bits, bits=8 above; 7-bit codes of
+    reduce_range in the 8-bit layout) gathers what DQ -> Gather and numpy give, to the bit."""
     model, table = _gather_model(rows, row, seed=row)
-    grid = IntRange(bits, signed)
+    grid = IntRange(bits, signed, seven_bit)
     spec = WeightQuant("table", "embed", 0, 0, grid)
     plan = QuantPlan(weights=[spec])
     if signed:
@@ -224,8 +227,8 @@ def test_gather_block_quantized_equals_dequantize_gather(rows, row, bits, signed
         rng = np.random.default_rng(rows)
         qparams = QParams(weights={spec: WeightParams(
             rng.uniform(0.01, 0.1, rows).astype(np.float32),
-            rng.integers(0, 16, rows).astype(np.uint8),
-            rng.integers(0, 16, (rows, row)).astype(np.uint8))})
+            rng.integers(0, 2 ** bits, rows).astype(np.uint8),
+            rng.integers(0, 2 ** bits, (rows, row)).astype(np.uint8))})
     prepared = model_io.to_ir(model)
     blocks = model_io.to_proto(emit(prepared, plan, qparams))
     reference = model_io.to_proto(emit(prepared, plan, qparams,

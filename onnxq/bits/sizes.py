@@ -11,12 +11,13 @@ blocks and repeated scales:
 
     DQ containers:  ceil(E * b / 8) + 4 C + ceil(C * b / 8)  [+ 4 B + 4 C with a bias]
     MatMulNBits:    N * ceil(K / bs) * (bs / 2 + 4)
-    GatherBlockQuantized (V, D) table:  V * D / 2 + 4 V D / bs  [+ V D / (2 bs) unsigned]
+    GatherBlockQuantized (V, D) table:  V D b / 8 + 4 V D / bs  [+ V D b / (8 bs) unsigned]
 
-with E weight elements, C scale channels (1 per tensor), b the container bits (8, 4 or 2),
-B bias elements and bs the block size. `predict_layer_bytes` computes this from a
-`LayerGeometry` (read off the prepared model); `layer_bytes` measures the emitted model. The
-allocator uses the prediction for `max_size_mb` budgets; the two agree exactly.
+with E weight elements, C scale channels (1 per tensor), b the container bits (8, 4 or 2;
+GatherBlockQuantized: 4 up to 4 bits, else 8), B bias elements and bs the block size.
+`predict_layer_bytes` computes this from a `LayerGeometry` (read off the prepared model);
+`layer_bytes` measures the emitted model. The allocator uses the prediction for `max_size_mb`
+budgets; the two agree exactly.
 """
 
 from __future__ import annotations
@@ -145,11 +146,11 @@ def predict_layer_bytes(geometry: LayerGeometry, bits: int,
         k, n = geometry.weight_shape
         block = nbits_block_size(k, options)
         return n * math.ceil(k / block) * (block // 2 + 4)
-    if storage is Storage.GATHER_BLOCKS:
+    if storage in (Storage.GATHER_BLOCKS, Storage.GATHER_BLOCKS_8):
         rows, row = geometry.weight_shape
         scales = rows * (row // gather_block_size(row))
-        zero_points = 0 if geometry.signed else math.ceil(scales * 4 / 8)
-        return math.ceil(rows * row * 4 / 8) + 4 * scales + zero_points
+        zero_points = 0 if geometry.signed else math.ceil(scales * storage.bits / 8)
+        return math.ceil(rows * row * storage.bits / 8) + 4 * scales + zero_points
     channels = geometry.channels
     total = (math.ceil(geometry.elements * storage.bits / 8) + 4 * channels
              + math.ceil(channels * storage.bits / 8))

@@ -7,10 +7,14 @@ the same session settings, so the table's ratio columns (against the first model
 models, not set-ups. Exit codes as in every onnxq command: 0 measured; 2 bad input (a missing
 or broken model, a feed that does not fit, models with different inputs, a malformed flag),
 always as one line on stderr; 1 an internal error.
+
+Under the table, each model's float islands (a float op between a DequantizeLinear and a
+QuantizeLinear in ORT's optimized graph: a fusion ORT missed) are listed by op type and node.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -123,22 +127,33 @@ def _kernels_text(kernels: dict[str, int]) -> str:
     return ", ".join(f"{op} x{n}" for op, n in kernels.items()) or "none"
 
 
+def _islands_text(islands: Sequence[str]) -> str:
+    counts = collections.Counter(island.split(" ", 1)[0] for island in islands)
+    return ", ".join(f"{op} x{n}" for op, n in counts.items()) or "none"
+
+
 def _print_table(results: Sequence[BenchResult], settings: BenchSettings, data: Path | None) -> None:
     first = results[0]
     feed = f"data {data}" if data is not None else "random feed"
     table = Table(title=f"{first.provider}, {first.threads} thread(s), batch {first.batch}, {feed}; "
                         f"{settings.runs} runs after {settings.warmup} warm-up")
     for column in ("model", "file MB", "load s", "p50 ms", "p90 ms", "throughput/s",
-                   "integer kernels", "size x", "p50 x", "speed-up"):
-        table.add_column(column, justify="left" if column in ("model", "integer kernels") else "right")
+                   "integer kernels", "float islands", "size x", "p50 x", "speed-up"):
+        table.add_column(column, justify="left" if column in ("model", "integer kernels", "float islands")
+                         else "right")
     names = [Path(result.model).name for result in results]
     labels = names if len(set(names)) == len(names) else [result.model for result in results]
     for label, result, ratio in zip(labels, results, ratios(results), strict=True):
         table.add_row(label, f"{result.file_bytes / 1e6:.2f}", f"{result.load_seconds:.3f}",
                       f"{result.p50_ms:.3f}", f"{result.p90_ms:.3f}", f"{result.throughput_per_s:,.0f}",
-                      _kernels_text(result.integer_kernels), f"{ratio['size_ratio']:.3f}",
+                      _kernels_text(result.integer_kernels), _islands_text(result.float_islands),
+                      f"{ratio['size_ratio']:.3f}",
                       f"{ratio['p50_ratio']:.3f}", f"{ratio['speedup']:.2f}")
     console = Console()
     if not console.is_terminal:  # a pipe or a file: no 80-column wrap of a wide table
         console = Console(width=max(console.width, 160))
     console.print(table)
+    for label, result in zip(labels, results, strict=True):
+        if result.float_islands:
+            console.print(f"{label}: float islands (DequantizeLinear -> float op -> QuantizeLinear): "
+                          f"{', '.join(result.float_islands)}", markup=False, highlight=False)

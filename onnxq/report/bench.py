@@ -25,7 +25,9 @@ unchanged), checked against the model with `onnxq.data.check_feed`.
 
 Integer kernels are counted on the graph ORT's CPU execution provider builds after its
 optimizations (`onnxq.report.kernels`): what really runs in integers, not what the QDQ graph
-promises. With `provider="cuda"` the times include copying inputs to and outputs from the GPU.
+promises. The float islands of that graph (a float op between a DequantizeLinear and a
+QuantizeLinear, where a fusion was missed) are listed by op type and node name. With
+`provider="cuda"` the times include copying inputs to and outputs from the GPU.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import onnxruntime as ort
 from onnxq.data import InputSpec, _read_npz, check_feed, model_input_specs
 from onnxq.errors import CalibrationDataError, ConfigError, ModelError, OnnxqError
 from onnxq.model_io import external_data_files, load_model
-from onnxq.report.kernels import integer_kernel_counts, optimized_op_counts
+from onnxq.report.kernels import float_islands, integer_kernel_counts, op_counts, optimized_graph
 from onnxq.scoring import latency, sessions
 from onnxq.scoring.sessions import PROVIDERS, SessionSettings
 
@@ -108,6 +110,7 @@ class BenchResult:
     provider: str
     threads: int
     integer_kernels: dict[str, int]  # from ORT's optimized graph (onnxq.report.kernels)
+    float_islands: tuple[str, ...] = ()  # "op_type node" of each DQ -> float op -> Q, same graph
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -267,8 +270,10 @@ def benchmark_model(model_path: Path, feed: Mapping[str, np.ndarray], settings: 
     start = time.perf_counter()
     session = _open_session(model_path, session_settings)  # first: a model ORT cannot load is a ModelError
     load_seconds = time.perf_counter() - start
-    kernels = integer_kernel_counts(optimized_op_counts(proto))
-    del proto
+    graph = optimized_graph(proto)
+    kernels = integer_kernel_counts(op_counts(graph))
+    islands = tuple(str(island) for island in float_islands(graph))
+    del proto, graph
     times = latency.timed_runs(session, checked, settings.runs, settings.warmup, str(model_path))
     batch = _feed_batch(checked, specs)
     mean = float(np.mean(times))
@@ -278,7 +283,8 @@ def benchmark_model(model_path: Path, feed: Mapping[str, np.ndarray], settings: 
         batch=batch, p50_ms=float(np.percentile(times, 50)) * 1e3,
         p90_ms=float(np.percentile(times, 90)) * 1e3, mean_ms=mean * 1e3,
         throughput_per_s=batch / mean if mean > 0 else float("inf"), provider=settings.provider,
-        threads=settings.threads, integer_kernels=dict(sorted(kernels.items())))
+        threads=settings.threads, integer_kernels=dict(sorted(kernels.items())),
+        float_islands=islands)
 
 
 def alternating_p50_ms(model_paths: Sequence[Path], feed: Feed, settings: BenchSettings,

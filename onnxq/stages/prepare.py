@@ -3,7 +3,7 @@ SmoothQuant applied, and the `QuantPlan` annotated. Everything later works on th
 
     model -> checked proto -> float session (an op ORT cannot run fails here)
     feeds -> calibration + held-out (seeded); none at all for a dynamic-only run
-    prepare passes (opset, constants, BatchNorm folding) -> channel equalization of Conv
+    prepare passes (opset, constants, BatchNorm and Pad folding) -> channel equalization of Conv
     activations and SmoothQuant of MatMul inputs (one ORT pass over channel maxima: both change
     weights and constants before statistics are taken; both exact in float) -> annotate
 """
