@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tomllib
 from onnx import TensorProto, helper, numpy_helper
 
 import graphs
