@@ -216,8 +216,9 @@ class _Walk:
         if node.name in self.layer_rules:
             bits = self.layer_rules[node.name].bits
             plan.bits_rules[node.name] = f"{self.layer_rules[node.name].pattern}={bits}"
-        block_axis = None if axis is None else reduction_axis(node, rule.weight_input,
-                                                              weight.const_value.shape)
+        # a dynamic layer's MatMulInteger takes per-channel scales only (with_bias is False there)
+        block_axis = None if axis is None or not with_bias else reduction_axis(
+            node, rule.weight_input, weight.const_value.shape)
         plan.weights.append(WeightQuant(
             weight.name, node.name, rule.weight_input, axis,
             IntRange(bits, True, self._reduce_range(node, weight)), block_axis,

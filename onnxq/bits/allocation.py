@@ -158,7 +158,8 @@ def allocate_bits(request: AllocationRequest, probes: LayerProbes,
                        cost.reshape(len(groups), -1))
     fixed = sum(cost_of(n, specs[n].grid.bits) for n in specs if n not in group_of)
     # Size budgets: the part of the file that no free layer owns (float tensors, scales).
-    outside = (request.quantized_bytes - sum(cost_of(n, specs[n].grid.bits) for n in group_of) - fixed
+    # (request.quantized_bytes was measured with the free layers at 8 bits)
+    outside = (request.quantized_bytes - sum(cost_of(n, 8) for n in group_of) - fixed
                if budget.counts_file else 0)
     steps: list[tuple[float, float]] = []
     if isinstance(budget, MaxDrop):

@@ -124,6 +124,7 @@ class LayerGeometry:
     signed: bool = True
     group_sizes: tuple[int, int] = (0, 0)  # below 8 bits, at 8 bits (WeightQuant)
     asymmetric: bool = False  # zero points below 8 bits (written only then, group-wise)
+    name_length: int = 0  # of the weight tensor's name (the emitter's names derive from it)
 
     def group_size(self, bits: int) -> int:
         return self.group_sizes[0] if bits < 8 else self.group_sizes[1]
@@ -148,7 +149,8 @@ def layer_geometry(index: ModelIndex, plan: QuantPlan, spec: WeightQuant) -> Lay
     group_sizes = (spec.low_bit_group_size, spec.int8_group_size) if spec.block_axis is not None \
         and spec.axis is not None else (0, 0)
     return LayerGeometry(index.node(spec.node).op_type, tuple(weight.shape.numpy()), spec.axis,
-                         bias_elements, spec.grid.signed, group_sizes, spec.asymmetric)
+                         bias_elements, spec.grid.signed, group_sizes, spec.asymmetric,
+                         len(spec.tensor.encode()))
 
 
 def predict_layer_bytes(geometry: LayerGeometry, bits: int,
@@ -197,6 +199,19 @@ def _predict_grouped_bytes(geometry: LayerGeometry, storage: Storage, group: int
     if geometry.bias_elements:
         total += 4 * geometry.bias_elements + 4 * geometry.channels
     return total
+
+
+def framing_bytes(geometry: LayerGeometry, bits: int) -> int:
+    """An upper bound of the protobuf framing a group-wise layout adds to the file beyond the
+    per-channel one (payloads are `predict_layer_bytes`'): the DQ's block_size attribute, and
+    for a Conv the Reshape node and its shape tensor, whose names repeat the weight's name
+    about 7 times. Size budgets add it, so that the written file keeps within them."""
+    if not geometry.group_size(bits):
+        return 0
+    extra = 16
+    if len(geometry.weight_shape) > 2:
+        extra += 7 * (geometry.name_length + 6) + 48
+    return extra
 
 
 def predicted_layer_bytes(model: ir.Model, plan: QuantPlan,
