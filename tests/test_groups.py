@@ -26,6 +26,7 @@ from onnxq.passes import INT4_MIN_OPSET, prepare
 from onnxq.plan import QuantPlan, WeightQuant
 from onnxq.qparams import QParams, WeightParams, round_to_nearest_weight
 from onnxq.report.card import quantization_card
+from onnxq.report.compare import WeightSource, rank_layers
 from onnxq.weights.comq import damped, reconstruction_error
 from onnxq.weights.comq_groups import comq_groups
 
@@ -269,3 +270,21 @@ def test_bad_group_size_on_the_command_line_is_one_line(tmp_path, value):
     assert len(lines) == 1 and lines[0].startswith("onnxq: error:"), run.stderr
     assert "group size must be an integer >= 2" in lines[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_compare_per_layer_reads_grouped_weights(tmp_path):
+    """`onnxq compare --per-layer` finds the grouped Conv and Gemm weights (a Conv's behind its
+    Reshape) and restores them from the float model; restoring every point gives float back."""
+    feeds = graphs.small_cnn_feeds(12)
+    float_path, quant_path = tmp_path / "cnn.onnx", tmp_path / "cnn.w4.onnx"
+    onnx.save(graphs.small_cnn(), float_path)
+    config = QuantConfig(weight_bits=4, weight_group_size=16, holdout=2)
+    result = onnxq.quantize(float_path, feeds, config)
+    result.save(quant_path)
+    assert "Reshape" in {node.op_type for node in onnx.load(quant_path).graph.node}
+    layers = {layer.node: layer for layer in rank_layers(float_path, quant_path, feeds[:4])}
+    assert {"conv1", "conv2", "fc"} <= set(layers)
+    for name in ("conv1", "conv2"):
+        assert layers[name].weights is WeightSource.FLOAT
+        assert 1 in layers[name].quantized_inputs
+        assert layers[name].damage > 0
