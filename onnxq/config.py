@@ -149,7 +149,7 @@ _GRANULARITY_NAMES: dict[str, Granularity] = {
 
 # Group size of weights below 8 bits when `weight_group_size` is not set: chosen by held-out
 # calibration fidelity on the zoo (benchmarks/results/groupwise.md).
-DEFAULT_GROUP_SIZE = 32
+DEFAULT_GROUP_SIZE = 64
 
 
 def granularity_name(granularity: Granularity) -> str:
