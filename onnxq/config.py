@@ -2,7 +2,8 @@
 
 Every option a user can set lives in `QuantConfig`. Values are validated in `__post_init__`, so
 an invalid config cannot exist. Granularity is a type (`PerTensor`, `PerChannel`), not a
-string. A TOML config file loads into the same dataclass (`load_config`) and saves back to the
+string (`PerGroup(size)`: one scale per `size` consecutive weights along the reduction axis).
+A TOML config file loads into the same dataclass (`load_config`) and saves back to the
 same text (`dump_config`); unknown keys are an error, never ignored.
 
 Precedence: command-line flags > config file > these defaults.
@@ -134,16 +135,59 @@ class PerChannel:
     """One scale per slice along the op's output-channel axis (resolved per op by the plan)."""
 
 
-Granularity = PerTensor | PerChannel
+@dataclass(frozen=True)
+class PerGroup:
+    """One scale per `size` consecutive weights along the op's reduction (input) axis, per
+    output channel: MatMul (K, N) along K, Gemm along K (per transB), Conv (O, I, kh, kw) along
+    I * kh * kw flattened, a Gather table along each row. The last group of a row may be
+    partial. Resolved per weight by the plan (onnxq.plan.WeightQuant.group_size)."""
+
+    size: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 2:
+            raise ConfigError(f"group size must be an integer >= 2, got {self.size!r}")
+
+
+Granularity = PerTensor | PerChannel | PerGroup
 
 _GRANULARITY_NAMES: dict[str, Granularity] = {
     "per_tensor": PerTensor(),
     "per_channel": PerChannel(),
 }
 
+# Group size of weights below 8 bits when `weight_group_size` is not set: chosen by held-out
+# calibration fidelity on the zoo (benchmarks/results/groupwise.md).
+DEFAULT_GROUP_SIZE = 64
+
 
 def granularity_name(granularity: Granularity) -> str:
+    if isinstance(granularity, PerGroup):
+        return f"per_group({granularity.size})"
     return next(k for k, v in _GRANULARITY_NAMES.items() if v == granularity)
+
+
+def parse_granularity(text: object) -> Granularity:
+    """`per_tensor`, `per_channel` or `per_group(N)` (N >= 2) as a granularity type."""
+    if isinstance(text, str) and text in _GRANULARITY_NAMES:
+        return _GRANULARITY_NAMES[text]
+    if isinstance(text, str) and text.startswith("per_group(") and text.endswith(")"):
+        size = text[len("per_group("):-1].strip()
+        if not size.isdigit():
+            raise ConfigError(f"weight_granularity = {text!r}: the group size must be an integer >= 2")
+        return PerGroup(int(size))
+    raise ConfigError(f"weight_granularity = {text!r} is not one of: "
+                      f"{', '.join(_GRANULARITY_NAMES)}, per_group(N)")
+
+
+def parse_group_size(text: object) -> int:
+    """A `--group-size` / `weight_group_size` value: an integer >= 2, or 0 (per channel)."""
+    value = text.strip() if isinstance(text, str) else text
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or (value != 0 and value < 2):
+        raise ConfigError(f"group size must be an integer >= 2 (or 0 for per-channel scales), got {text!r}")
+    return value
 
 
 ALLOCATION_BUDGETS = ("avg_bits", "max_size_mb", "max_size_ratio", "max_bops", "max_drop")
@@ -357,7 +401,13 @@ class QuantConfig:
             `exclude`), matched among the layers that can take dynamic activations; the last
             matching rule wins over `activations`; one that matches no such layer is an error.
             `exclude` and `layer_bits` "=float" rules come first (those layers stay float).
-        weight_granularity: per-channel (default) or per-tensor symmetric weights.
+        weight_granularity: per-channel (default) or per-tensor symmetric weights, or
+            PerGroup(size): group-wise scales for every weight, 8-bit ones included.
+        weight_group_size: with per-channel granularity, the group size of weights below 8
+            bits (one scale per that many consecutive weights along the reduction axis;
+            `--group-size N`); 0 keeps them per channel. 8-bit weights stay per channel (ORT's
+            integer QLinearConv / QGemm / MatMulInteger kernels take per-channel scales only)
+            unless the granularity is PerGroup. Default `DEFAULT_GROUP_SIZE`.
         weight_bits: bits of every quantized weight: 8, 4, 3 or 2 (below 8, codes are stored
             as int4 at opset 21).
         reduce_range: 8-bit weights keep to 7-bit codes ([-64, 63] in int8), so that ONNX
@@ -469,6 +519,7 @@ class QuantConfig:
     activations: ActivationMode = ActivationMode.STATIC
     layer_activations: tuple[str, ...] = ()
     weight_granularity: Granularity = field(default_factory=PerChannel)
+    weight_group_size: int = DEFAULT_GROUP_SIZE
     weight_bits: int = 8
     reduce_range: bool | None = None
     weight_method: WeightMethod = WeightMethod.RTN
@@ -522,9 +573,10 @@ class QuantConfig:
             raise ConfigError(f"method must be a CalibrationMethod, got {self.method!r}")
         if not isinstance(self.activation_type, ActivationType):
             raise ConfigError(f"activation_type must be an ActivationType, got {self.activation_type!r}")
-        if not isinstance(self.weight_granularity, (PerTensor, PerChannel)):
-            raise ConfigError(f"weight_granularity must be PerTensor() or PerChannel(), got "
-                              f"{self.weight_granularity!r}")
+        if not isinstance(self.weight_granularity, (PerTensor, PerChannel, PerGroup)):
+            raise ConfigError(f"weight_granularity must be PerTensor(), PerChannel() or PerGroup(size), "
+                              f"got {self.weight_granularity!r}")
+        parse_group_size(self.weight_group_size)
         if self.weight_bits not in (2, 3, 4, 8):
             raise ConfigError(f"weight_bits must be 2, 3, 4 or 8, got {self.weight_bits}")
         if not isinstance(self.weight_method, WeightMethod):
@@ -635,6 +687,14 @@ class QuantConfig:
             bits.extend(self.candidate_bits)
         return min(bits)
 
+    def group_size_at(self, bits: int) -> int:
+        """The group size of a weight at `bits` (0: per channel or per tensor)."""
+        if isinstance(self.weight_granularity, PerGroup):
+            return self.weight_granularity.size
+        if isinstance(self.weight_granularity, PerTensor) or bits >= 8:
+            return 0
+        return self.weight_group_size
+
     @property
     def effective_reduce_range(self) -> bool:
         """`reduce_range`, or whether this CPU's integer kernels would saturate when unset."""
@@ -704,10 +764,9 @@ def config_from_dict(values: dict[str, object]) -> QuantConfig:
         elif key in _TABLE_FIELDS:
             value = _table(key, _TABLE_FIELDS[key], value)
         elif key == "weight_granularity":
-            if value not in _GRANULARITY_NAMES:
-                raise ConfigError(f"weight_granularity = {value!r} is not one of: "
-                                  f"{', '.join(_GRANULARITY_NAMES)}")
-            value = _GRANULARITY_NAMES[value]
+            value = parse_granularity(value)
+        elif key == "weight_group_size":
+            value = parse_group_size(value)
         elif key in ("exclude", "layer_bits", "candidate_bits", "layer_activations"):
             if not isinstance(value, list):
                 raise ConfigError(f"{key} must be a list")
@@ -733,7 +792,7 @@ def config_to_dict(config: QuantConfig) -> dict[str, object]:
                      for k, v in dataclasses.asdict(value).items()}
         elif isinstance(value, enum.Enum):
             value = value.value
-        elif isinstance(value, (PerTensor, PerChannel)):
+        elif isinstance(value, (PerTensor, PerChannel, PerGroup)):
             value = granularity_name(value)
         elif isinstance(value, tuple):
             value = list(value)

@@ -11,10 +11,18 @@ and z = qmin - round(lo / s), so that 0 is exactly representable. Symmetric rang
 
 Per-channel scales are arrays broadcast along `axis`; every function is explicit about bits,
 signedness, axis and symmetry.
+
+Group-wise scales: a weight is viewed as a matrix (`grouped_shape`: 2-D weights as they are, a
+Conv weight (O, I, kh, kw) as (O, I * kh * kw)) and its reduction axis `block_axis` is cut into
+groups of g consecutive elements, the last one partial when g does not divide the length L.
+Scales and zero points have the view's shape with L replaced by ceil(L / g), which is ONNX
+DequantizeLinear's blocked layout (opset 21, `block_size` = g); element j of a row uses group
+floor(j / g).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +109,57 @@ def symmetric_weight_scales(weight: np.ndarray, grid: IntRange, axis: int | None
         reduce_axes = tuple(i for i in range(weight.ndim) if i != axis % weight.ndim)
         amax = absolute.max(axis=reduce_axes) if reduce_axes else absolute
     return np.maximum(amax / grid.qmax, MIN_SCALE).astype(np.float32)
+
+
+def grouped_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The matrix view of a weight that groups run along: 2-D as is, else (shape[0], rest)."""
+    shape = tuple(int(d) for d in shape)
+    return shape if len(shape) == 2 else (shape[0], math.prod(shape[1:]))
+
+
+def group_count(length: int, group_size: int) -> int:
+    return -(-length // group_size)
+
+
+def expand_groups(values: np.ndarray, block_axis: int, group_size: int, length: int) -> np.ndarray:
+    """Per-group values (view shape, ceil(L / g) along block_axis) repeated per element (L)."""
+    return np.take(np.repeat(np.asarray(values), group_size, axis=block_axis), np.arange(length),
+                   axis=block_axis)
+
+
+def _group_reduce(view: np.ndarray, block_axis: int, group_size: int, reduce) -> np.ndarray:
+    """reduce(...) of each group along block_axis of a 2-D view; the last group may be partial."""
+    length = view.shape[block_axis]
+    starts = np.arange(0, length, group_size)
+    return reduce.reduceat(view, starts, axis=block_axis)
+
+
+def symmetric_group_scales(weight: np.ndarray, grid: IntRange, block_axis: int,
+                           group_size: int) -> np.ndarray:
+    """Scales s = max|w| / qmax per group (blocked layout of the grouped view), as float32."""
+    view = np.abs(weight.astype(np.float64)).reshape(grouped_shape(weight.shape))
+    amax = _group_reduce(view, block_axis, group_size, np.maximum)
+    return np.maximum(amax / grid.qmax, MIN_SCALE).astype(np.float32)
+
+
+def quantize_groups(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, grid: IntRange,
+                    block_axis: int, group_size: int) -> np.ndarray:
+    """Codes of x (any shape, grouped view inside) with blocked scales, as QuantizeLinear."""
+    view = x.reshape(grouped_shape(x.shape))
+    length = view.shape[block_axis]
+    s = expand_groups(scale, block_axis, group_size, length)
+    z = expand_groups(zero_point, block_axis, group_size, length)
+    return quantize(view, s, z, grid).reshape(x.shape)
+
+
+def dequantize_groups(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, block_axis: int,
+                      group_size: int) -> np.ndarray:
+    """(q - z) * s with blocked scales, as DequantizeLinear with `block_size`, in float32."""
+    view = q.reshape(grouped_shape(q.shape))
+    length = view.shape[block_axis]
+    s = expand_groups(scale, block_axis, group_size, length)
+    z = expand_groups(zero_point, block_axis, group_size, length)
+    return dequantize(view, s, z).reshape(q.shape)
 
 
 def _broadcast(values: np.ndarray | float, ndim: int, axis: int | None) -> np.ndarray:

@@ -32,13 +32,36 @@ class ActivationGroup:
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """A constant weight input of a compute node, quantized symmetric per channel (or tensor)."""
+    """A constant weight input of a compute node, quantized per channel (or tensor), or per
+    group of `group_size` weights along `block_axis`.
+
+    `axis` is the output-channel axis (per-channel scales, bias scales). `block_axis` is the
+    reduction axis of the weight's grouped view (`onnxq.numerics.grouped_shape`: a Conv weight
+    (O, I, kh, kw) is viewed as (O, I * kh * kw)); None where the op takes no groups. The group
+    sizes below 8 bits and at 8 bits (0: per channel) are both kept, since the allocator changes
+    bits after planning. `asymmetric`: rows below 8 bits get zero points (COMQ's asymmetric ops).
+    """
 
     tensor: str
     node: str
     input_index: int
     axis: int | None
     grid: IntRange
+    block_axis: int | None = None
+    low_bit_group_size: int = 0
+    int8_group_size: int = 0
+    asymmetric: bool = False
+
+    @property
+    def group_size(self) -> int:
+        """Weights per scale along `block_axis` at this spec's bits (0: per channel / tensor)."""
+        if self.block_axis is None or self.axis is None:
+            return 0
+        return self.low_bit_group_size if self.grid.bits < 8 else self.int8_group_size
+
+    @property
+    def symmetric(self) -> bool:
+        return not self.asymmetric or self.grid.bits >= 8
 
     def at_bits(self, bits: int) -> WeightQuant:
         """The same weight quantized at `bits` (same signedness)."""
@@ -47,7 +70,8 @@ class WeightQuant:
     def full_range(self) -> WeightQuant:
         """The same weight with full-range 8-bit codes (no `reduce_8bit`): a dynamic layer's,
         which never needs 7-bit codes (onnxq.passes.dynamic_quantize)."""
-        return dataclasses.replace(self, grid=IntRange(self.grid.bits, self.grid.signed))
+        return dataclasses.replace(self, grid=IntRange(self.grid.bits, self.grid.signed),
+                                   low_bit_group_size=0, int8_group_size=0)
 
 
 @dataclass(frozen=True)

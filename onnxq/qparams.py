@@ -27,14 +27,29 @@ class ActivationParams:
 
 @dataclass(frozen=True)
 class WeightParams:
-    """Scales (per channel or scalar), zero points and the integer codes of one weight."""
+    """Scales (per channel or scalar), zero points and the integer codes of one weight.
+
+    Group-wise (`group_size` > 0): scale and zero point per group, in the blocked layout of the
+    weight's grouped view along `block_axis` (onnxq.numerics); codes keep the weight's shape."""
 
     scale: np.ndarray
     zero_point: np.ndarray
     codes: np.ndarray
+    group_size: int = 0
+    block_axis: int | None = None
 
     def dequantized(self, axis: int | None) -> np.ndarray:
+        if self.group_size:
+            return numerics.dequantize_groups(self.codes, self.scale, self.zero_point,
+                                              self.block_axis, self.group_size)
         return numerics.dequantize(self.codes, self.scale, self.zero_point, axis)
+
+    def channel_scales(self) -> np.ndarray:
+        """One scale per output channel: the scale itself, or a grouped weight's largest group
+        scale per channel (what an int32 bias is quantized with)."""
+        if not self.group_size:
+            return self.scale
+        return self.scale.max(axis=self.block_axis).astype(np.float32)
 
 
 @dataclass
@@ -49,7 +64,14 @@ class QParams:
 
 
 def round_to_nearest_weight(weight: np.ndarray, spec: WeightQuant) -> WeightParams:
-    """Symmetric min-max scales and round-to-nearest codes for one weight."""
+    """Symmetric min-max scales and round-to-nearest codes for one weight (per group when the
+    spec has groups)."""
+    if spec.group_size:
+        group, axis = spec.group_size, spec.block_axis
+        scale = numerics.symmetric_group_scales(weight, spec.grid, axis, group)
+        zero_point = np.zeros(scale.shape, dtype=spec.grid.dtype)
+        codes = numerics.quantize_groups(weight, scale, zero_point, spec.grid, axis, group)
+        return WeightParams(scale, zero_point, codes, group, axis)
     scale = numerics.symmetric_weight_scales(weight, spec.grid, spec.axis)
     zero_point = np.zeros(scale.shape, dtype=spec.grid.dtype)
     codes = numerics.quantize(weight, scale, zero_point, spec.grid, spec.axis)

@@ -29,11 +29,24 @@ import logging
 
 import onnx_ir as ir
 
-from onnxq.config import ActivationMode, ActivationType, LayerRule, PerTensor, QuantConfig
-from onnxq.numerics import INT8, UINT8, IntRange
+from onnxq.config import (
+    ActivationMode,
+    ActivationType,
+    LayerRule,
+    PerTensor,
+    QuantConfig,
+    WeightMethod,
+)
+from onnxq.numerics import INT8, UINT8, IntRange, grouped_shape
 from onnxq.passes.activation_modes import LayerModes, layer_modes
 from onnxq.passes.dynamic_quantize import dynamic_capable
-from onnxq.passes.op_table import OpKind, activation_input_indices, rule_for, weight_axis
+from onnxq.passes.op_table import (
+    OpKind,
+    activation_input_indices,
+    reduction_axis,
+    rule_for,
+    weight_axis,
+)
 from onnxq.patterns import nodes_matching
 from onnxq.plan import ActivationGroup, BiasQuant, QuantPlan, WeightQuant
 
@@ -210,13 +223,32 @@ class _Walk:
         if node.name in self.layer_rules:
             bits = self.layer_rules[node.name].bits
             plan.bits_rules[node.name] = f"{self.layer_rules[node.name].pattern}={bits}"
-        plan.weights.append(WeightQuant(weight.name, node.name, rule.weight_input, axis,
-                                        IntRange(bits, True, self._reduce_range(node, weight))))
+        # a dynamic layer's MatMulInteger takes per-channel scales only (with_bias is False there)
+        block_axis = None if axis is None or not with_bias else reduction_axis(
+            node, rule.weight_input, weight.const_value.shape)
+        plan.weights.append(WeightQuant(
+            weight.name, node.name, rule.weight_input, axis,
+            IntRange(bits, True, self._reduce_range(node, weight)), block_axis,
+            *self._group_sizes(weight, block_axis), asymmetric=self._asymmetric(node)))
         bias = node.inputs[rule.bias_input] if (with_bias and rule.bias_input is not None
                                                  and len(node.inputs) > rule.bias_input) else None
         if _is_constant(bias) and len(bias.const_value.shape) == 1:
             plan.biases.append(BiasQuant(bias.name, node.name, rule.bias_input,
                                          node.inputs[0].name, weight.name))
+
+    def _group_sizes(self, weight: ir.Value, block_axis: int | None) -> tuple[int, int]:
+        """Group sizes below 8 bits and at 8 bits (0: per channel); per channel too where a
+        row is no longer than one group (a depthwise 3x3 Conv's 9 weights)."""
+        if block_axis is None:
+            return 0, 0
+        length = grouped_shape(tuple(weight.const_value.shape))[block_axis]
+        return tuple(size if size and length > size else 0
+                     for size in (self.config.group_size_at(4), self.config.group_size_at(8)))
+
+    def _asymmetric(self, node: ir.Node) -> bool:
+        """Rows below 8 bits get zero points (COMQ's `asymmetric_ops`)."""
+        return (self.config.weight_method is WeightMethod.COMQ
+                and node.op_type in self.config.comq.asymmetric_ops)
 
     def _reduce_range(self, node: ir.Node, weight: ir.Value) -> bool:
         """7-bit codes for this 8-bit weight (`QuantConfig.reduce_range`)? Not for Gather tables

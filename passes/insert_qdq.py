@@ -32,6 +32,15 @@ the last block padded with q = 8, i.e. 0), and scales (N * K_blocks) repeat the 
 scale over the K blocks, so W_hat = (q - 8) * s is exactly the searcher's (codes - z) * s.
 No zero_points input: MatMulNBits assumes 8 when it is absent.
 
+Group-wise weights (`WeightQuant.group_size` g > 0, scales per g weights along the reduction
+axis; onnxq.numerics) keep the same layouts with real per-group scales: a blocked
+DequantizeLinear (opset 21, `axis` = the reduction axis of the grouped view, `block_size` = g;
+a Conv weight (O, I, kh, kw) is stored as (O, I * kh * kw) and reshaped back behind the DQ),
+MatMulNBits with block_size = g and scales (N, ceil(K / g)), GatherBlockQuantized with
+block_size = g. Zero points are written only where the spec is asymmetric (MatMulNBits: z + 8
+packed two per byte). The com.microsoft kernels run only block sizes 16-256, powers of 2
+(NBITS_BLOCK_SIZES); another g falls back to the blocked DequantizeLinear container.
+
 An embedding table T (V, D) read by Gather(axis 0) with per-row scales becomes
 com.microsoft GatherBlockQuantized (`EmitOptions.gather_block_quantized`), which dequantizes
 only the rows it gathers (a DQ -> Gather dequantizes the whole table on every run):
@@ -141,14 +150,18 @@ class Storage(enum.Enum):
 
 
 def weight_storage(op_type: str, shape: tuple[int, ...], axis: int | None, grid: IntRange,
-                   options: EmitOptions) -> Storage:
-    """The container of a weight's codes (see the module docstring)."""
+                   options: EmitOptions, group_size: int = 0) -> Storage:
+    """The container of a weight's codes (see the module docstring). Group-wise weights take
+    the com.microsoft block kernels only with a group size they run (NBITS_BLOCK_SIZES), else
+    a blocked DQ container."""
+    kernel_blocks = not group_size or group_size in NBITS_BLOCK_SIZES
     gather_blocks = (options.gather_block_quantized and op_type == "Gather" and len(shape) == 2
-                     and axis in (None, 0) and gather_block_size(shape[1]) is not None)
+                     and axis in (None, 0) and kernel_blocks
+                     and bool(group_size or gather_block_size(shape[1]) is not None))
     if grid.bits > 4:
         return Storage.GATHER_BLOCKS_8 if gather_blocks else Storage.INT8
     if (options.matmul_nbits and op_type == "MatMul" and len(shape) == 2
-            and (axis is None or axis % 2 == 1)):
+            and (axis is None or axis % 2 == 1) and kernel_blocks):
         return Storage.NBITS
     if gather_blocks:
         return Storage.GATHER_BLOCKS
@@ -221,27 +234,40 @@ def pack_nbits(codes: np.ndarray, zero_point: np.ndarray, block_size: int) -> np
     return (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8)
 
 
+def pack_nibble_rows(values: np.ndarray) -> np.ndarray:
+    """(rows, n) values in [0, 15] -> rows * ceil(n / 2) uint8, low nibble first, each row
+    padded to whole bytes (MatMulNBits' zero_points layout)."""
+    rows, n = values.shape
+    padded = np.zeros((rows, n + n % 2), np.uint8)
+    padded[:, :n] = values
+    pairs = padded.reshape(rows, -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8).reshape(-1)
+
+
 def spec_storage(node: ir.Node, spec: WeightQuant, params: WeightParams,
                  options: EmitOptions) -> Storage:
     """`weight_storage` for one planned weight; MatMulNBits only where its implied zero point
     (8) can express the codes (c - z in [-8, 7]), else the DQ containers."""
-    storage = weight_storage(node.op_type, params.codes.shape, spec.axis, spec.grid, options)
-    if storage is Storage.NBITS and (spec.input_index != 1
-                                     or not nbits_fits(params.codes, params.zero_point)):
-        storage = weight_storage(node.op_type, params.codes.shape, spec.axis, spec.grid,
-                                 dataclasses.replace(options, matmul_nbits=False))
+    shape, group = params.codes.shape, spec.group_size
+    storage = weight_storage(node.op_type, shape, spec.axis, spec.grid, options, group)
+    if storage is Storage.NBITS and (spec.input_index != 1 or not (
+            group or nbits_fits(params.codes, params.zero_point))):  # groups write zero points
+        storage = weight_storage(node.op_type, shape, spec.axis, spec.grid,
+                                 dataclasses.replace(options, matmul_nbits=False), group)
     return storage
 
 
 def required_opset(model: ir.Model, plan: QuantPlan, qparams: QParams,
                    options: EmitOptions) -> int:
-    """The default-domain opset the weight containers need: 25 for int2, 21 for int4, else
-    13 (per-channel DequantizeLinear)."""
+    """The default-domain opset the weight containers need: 25 for int2, 21 for int4 or a
+    blocked (group-wise) DequantizeLinear, else 13 (per-channel DequantizeLinear)."""
     nodes = {node.name: node for node in model.graph}
     needed = 13
     for spec in plan.weights:
         storage = spec_storage(nodes[spec.node], spec, qparams.weights[spec], options)
         needed = max(needed, {Storage.INT2: INT2_MIN_OPSET, Storage.INT4: 21}.get(storage, 13))
+        if spec.group_size and storage in (Storage.INT8, Storage.INT4):
+            needed = max(needed, 21)
     return needed
 
 
@@ -297,13 +323,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
             params = self.qparams.weights[spec]
             node = nodes[spec.node]
             stem = _unique_stem(graph, spec.tensor)
-            weight_scales[spec.node] = params.scale
+            weight_scales[spec.node] = params.channel_scales()
             storage = spec_storage(node, spec, params, self.options)
             if storage is Storage.NBITS:
                 nodes[spec.node] = self._matmul_nbits(model, node, spec, params, stem)
                 continue
             if storage in (Storage.GATHER_BLOCKS, Storage.GATHER_BLOCKS_8):
                 nodes[spec.node] = self._gather_blocks(model, node, spec, params, stem, storage)
+                continue
+            if spec.group_size:
+                node.replace_input_with(spec.input_index,
+                                        self._grouped_dequantize(graph, node, spec, params, storage, stem))
                 continue
             dtype = storage_dtype(spec.grid, storage)
             codes = _initializer(graph, f"{stem}_q", params.codes.astype(dtype))
@@ -333,39 +363,79 @@ class InsertQDQPass(ir.passes.InPlacePass):
         modified = bool(self.plan.activation_groups or self.plan.weights)
         return ir.passes.PassResult(model, modified=modified)
 
+    def _grouped_dequantize(self, graph: ir.Graph, node: ir.Node, spec: WeightQuant,
+                            params: WeightParams, storage: Storage, stem: str) -> ir.Value:
+        """DQ(axis = block_axis, block_size = g) of the codes in their grouped view (zero
+        points only where asymmetric), reshaped back to the weight's shape for a Conv."""
+        dtype = storage_dtype(spec.grid, storage)
+        view = numerics.grouped_shape(params.codes.shape)
+        inputs = [_initializer(graph, f"{stem}_q", params.codes.reshape(view).astype(dtype)),
+                  _initializer(graph, f"{stem}_s", params.scale.astype(np.float32))]
+        if not spec.symmetric:
+            inputs.append(_initializer(graph, f"{stem}_zp", params.zero_point.astype(dtype)))
+        attributes = [ir.AttrInt64("axis", spec.block_axis), ir.AttrInt64("block_size", spec.group_size)]
+        dequantize = ir.Node("", "DequantizeLinear", inputs, attributes,
+                             outputs=[ir.Value(name=f"{stem}_dq")], name=f"{stem}_dq")
+        graph.insert_before(node, dequantize)
+        if tuple(view) == tuple(params.codes.shape):
+            return dequantize.outputs[0]
+        shape = _initializer(graph, f"{stem}_shape", np.asarray(params.codes.shape, np.int64))
+        reshape = ir.Node("", "Reshape", [dequantize.outputs[0], shape],
+                          outputs=[ir.Value(name=f"{stem}_dq_4d")], name=f"{stem}_dq_4d")
+        graph.insert_before(node, reshape)
+        return reshape.outputs[0]
+
     def _matmul_nbits(self, model: ir.Model, node: ir.Node, spec: WeightQuant,
                       params: WeightParams, stem: str) -> ir.Node:
         """Replace MatMul(x, W) by MatMulNBits(x, B, scales) holding W's codes and scales."""
         graph = model.graph
         k, n = params.codes.shape
-        block = nbits_block_size(k, self.options)
-        blocks = math.ceil(k / block)
-        zero_point = np.broadcast_to(np.asarray(params.zero_point).reshape(-1), (n,))
-        scale = np.broadcast_to(np.asarray(params.scale, np.float32).reshape(-1), (n,))
-        packed = _initializer(graph, f"{stem}_q", pack_nbits(params.codes, zero_point, block))
-        scales = _initializer(graph, f"{stem}_s", np.repeat(scale, blocks).astype(np.float32))
+        inputs = self._nbits_inputs(graph, spec, params, stem)
         activation = node.inputs[0]
         if not self.options.nbits_activation_qdq:
             activation = before_qdq(activation)
         attributes = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
-                      ir.AttrInt64("block_size", block),
+                      ir.AttrInt64("block_size", spec.group_size or nbits_block_size(k, self.options)),
                       ir.AttrInt64("accuracy_level", self.options.nbits_accuracy_level)]
-        replacement = ir.Node(NBITS_DOMAIN, "MatMulNBits", [activation, packed, scales],
+        replacement = ir.Node(NBITS_DOMAIN, "MatMulNBits", [activation, *inputs],
                               attributes, num_outputs=1, name=node.name)
         model.opset_imports.setdefault(NBITS_DOMAIN, 1)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement],
                                                 node.outputs, replacement.outputs)
         return replacement
 
+    def _nbits_inputs(self, graph: ir.Graph, spec: WeightQuant, params: WeightParams,
+                      stem: str) -> list[ir.Value]:
+        """MatMulNBits' B and scales (N * blocks); per channel, the scale repeated per block
+        and no zero points (implied 8); group-wise, each group a block, and zero points
+        (z + 8, packed two per byte, each row padded to whole bytes) where asymmetric."""
+        k, n = params.codes.shape
+        if not spec.group_size:
+            block = nbits_block_size(k, self.options)
+            zero_point = np.broadcast_to(np.asarray(params.zero_point).reshape(-1), (n,))
+            scale = np.broadcast_to(np.asarray(params.scale, np.float32).reshape(-1), (n,))
+            return [_initializer(graph, f"{stem}_q", pack_nbits(params.codes, zero_point, block)),
+                    _initializer(graph, f"{stem}_s",
+                                 np.repeat(scale, math.ceil(k / block)).astype(np.float32))]
+        zero_point = np.asarray(params.zero_point, np.int16)  # (blocks, N)
+        packed = pack_nbits(params.codes, np.zeros(n, np.int16), spec.group_size)  # q = c + 8
+        scales = np.ascontiguousarray(params.scale.T, np.float32).reshape(-1)  # (N, blocks)
+        inputs = [_initializer(graph, f"{stem}_q", packed), _initializer(graph, f"{stem}_s", scales)]
+        if not spec.symmetric:
+            inputs.append(_initializer(graph, f"{stem}_zp", pack_nibble_rows(zero_point.T + 8)))
+        return inputs
+
     def _gather_blocks(self, model: ir.Model, node: ir.Node, spec: WeightQuant,
                        params: WeightParams, stem: str, storage: Storage) -> ir.Node:
         """Replace Gather(T, ids) by GatherBlockQuantized(T_q, ids, scales[, zero points])."""
         graph = model.graph
         rows, row = params.codes.shape
-        block = gather_block_size(row)
+        block = spec.group_size or gather_block_size(row)
         blocks = row // block
 
         def per_block(values: np.ndarray, dtype) -> np.ndarray:
+            if spec.group_size:  # already (rows, ceil(row / block))
+                return np.asarray(values).astype(dtype)
             values = np.broadcast_to(np.asarray(values).reshape(-1, 1), (rows, 1))
             return np.repeat(values, blocks, axis=1).astype(dtype)
 

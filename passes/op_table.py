@@ -66,6 +66,20 @@ def weight_axis(node: ir.Node) -> int:
     return -1  # MatMul: B is (..., K, N)
 
 
+def reduction_axis(node: ir.Node, weight_input: int, shape: tuple[int, ...]) -> int | None:
+    """The axis of a weight's grouped view (onnxq.numerics.grouped_shape) that its groups run
+    along, the reduction (input) axis: MatMul B (K, N) -> 0; Gemm B -> 0, or 1 with transB; Conv
+    (O, I, kh, kw) viewed as (O, I * kh * kw) -> 1; a Gather table (V, D) -> 1 (along each row).
+    None where group-wise scales are not offered (ConvTranspose, MatMul weights of rank > 2)."""
+    if node.op_type == "Conv" or (node.op_type == "Gather" and len(shape) == 2):
+        return 1
+    if node.op_type == "Gemm":
+        return 1 - gemm_weight_axis(node)
+    if node.op_type == "MatMul" and len(shape) == 2 and weight_input == 1:
+        return 0
+    return None
+
+
 OP_RULES: dict[str, OpRule] = {
     "Conv": OpRule(OpKind.COMPUTE, (0,), weight_input=1, bias_input=2, quantize_output=True),
     "ConvTranspose": OpRule(OpKind.COMPUTE, (0,), weight_input=1, bias_input=2,

@@ -133,7 +133,7 @@ def test_matmul_nbits_in_quantized_graph(activation_qdq):
 
 
 def test_mixed_bits_cnn_kernels():
-    config = QuantConfig(weight_bits=4, layer_bits=("conv1=8", "fc=3"), holdout=2)
+    config = QuantConfig(weight_bits=4, layer_bits=("conv1=8", "fc=3"), holdout=2, weight_group_size=0)
     feeds = graphs.small_cnn_feeds(10)
     result = onnxq.quantize(graphs.small_cnn(), feeds, config)
     model = result.model
@@ -182,7 +182,7 @@ def test_sizes_predicted_equal_measured_attention(matmul_nbits):
 
 
 def test_sizes_predicted_equal_measured_cnn():
-    config = QuantConfig(weight_bits=4, layer_bits=("conv1=8", "fc=2"), holdout=2)
+    config = QuantConfig(weight_bits=4, layer_bits=("conv1=8", "fc=2"), holdout=2, weight_group_size=0)
     feeds = graphs.small_cnn_feeds(10)
     model = graphs.small_cnn()
     result = onnxq.quantize(model, feeds, config)

@@ -171,7 +171,8 @@ def allocate_bits(request: AllocationRequest, probes: LayerProbes,
     problem = Knapsack(candidates, table(lambda n, b: damage[n][b]), table(cost_of), side)
     fixed = sum(cost_of(n, specs[n].grid.bits) for n in specs if n not in group_of)
     # Size budgets: the part of the file that no free layer owns (float tensors, scales).
-    outside = (request.quantized_bytes - sum(cost_of(n, specs[n].grid.bits) for n in group_of) - fixed
+    # (request.quantized_bytes was measured with the free layers at 8 bits)
+    outside = (request.quantized_bytes - sum(cost_of(n, 8) for n in group_of) - fixed
                if budget.counts_file else 0)
     steps: list[tuple[float, float]] = []
     if isinstance(budget, MaxDrop):

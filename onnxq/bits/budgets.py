@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from onnxq.bits.latency_costs import LatencyTable
-from onnxq.bits.sizes import LayerGeometry, predict_layer_bytes
+from onnxq.bits.sizes import LayerGeometry, framing_bytes, predict_layer_bytes
 from onnxq.errors import ConfigError
 from onnxq.passes.insert_qdq import EmitOptions
 
@@ -81,7 +81,7 @@ class SizeMB:
         _positive(self, self.megabytes)
 
     def cost(self, layer: LayerFacts, bits: int, context: BudgetContext) -> float:
-        return predict_layer_bytes(layer.geometry, bits, context.layout)
+        return predict_layer_bytes(layer.geometry, bits, context.layout) + framing_bytes(layer.geometry, bits)
 
     def limit(self, context: BudgetContext) -> float:
         return self.megabytes * 1e6
@@ -97,7 +97,7 @@ class SizeRatio:
         _positive(self, self.ratio)
 
     def cost(self, layer: LayerFacts, bits: int, context: BudgetContext) -> float:
-        return predict_layer_bytes(layer.geometry, bits, context.layout)
+        return predict_layer_bytes(layer.geometry, bits, context.layout) + framing_bytes(layer.geometry, bits)
 
     def limit(self, context: BudgetContext) -> float:
         return self.ratio * context.float_bytes

@@ -13,6 +13,12 @@ blocks and repeated scales:
     MatMulNBits:    N * ceil(K / bs) * (bs / 2 + 4)
     GatherBlockQuantized (V, D) table:  V D b / 8 + 4 V D / bs  [+ V D b / (8 bs) unsigned]
 
+    Group-wise (g weights per scale, G = rows * ceil(L / g) groups over the grouped view):
+    DQ containers:  ceil(E * b / 8) + 4 G [+ ceil(G * b / 8) asymmetric] [+ 8 * 4 for a
+                    Conv's Reshape shape] [+ 4 B + 4 C with a bias]
+    MatMulNBits:    G * (g / 2 + 4) [+ N * ceil(ceil(K / g) / 2) asymmetric]
+    GatherBlockQuantized: as the DQ container (int4), without bias
+
 with E weight elements, C scale channels (1 per tensor), b the container bits (8, 4 or 2;
 GatherBlockQuantized: 4 up to 4 bits, else 8), B bias elements and bs the block size.
 `predict_layer_bytes` computes this from a `LayerGeometry` (read off the prepared model);
@@ -29,7 +35,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.index import ModelIndex
-from onnxq.numerics import IntRange
+from onnxq.numerics import IntRange, group_count, grouped_shape
 from onnxq.passes.insert_qdq import (
     EmitOptions,
     Storage,
@@ -65,6 +71,9 @@ def _weight_initializers(node: ir.Node) -> list[ir.Value]:
             found.append(value)
             continue
         producer = value.producer()
+        if producer is not None and producer.op_type == "Reshape" and producer.inputs[0] is not None:
+            found.extend(v for v in producer.inputs[1:] if v is not None and v.is_initializer())
+            producer = producer.inputs[0].producer()  # a Conv's grouped DQ, reshaped back to 4-D
         if (producer is not None and producer.op_type == "DequantizeLinear"
                 and producer.inputs[0] is not None and producer.inputs[0].is_initializer()):
             found.extend(v for v in producer.inputs if v is not None and v.is_initializer())
@@ -114,6 +123,12 @@ class LayerGeometry:
     axis: int | None
     bias_elements: int = 0
     signed: bool = True
+    group_sizes: tuple[int, int] = (0, 0)  # below 8 bits, at 8 bits (WeightQuant)
+    asymmetric: bool = False  # zero points below 8 bits (written only then, group-wise)
+    name_length: int = 0  # of the weight tensor's name (the emitter's names derive from it)
+
+    def group_size(self, bits: int) -> int:
+        return self.group_sizes[0] if bits < 8 else self.group_sizes[1]
 
     @property
     def elements(self) -> int:
@@ -132,8 +147,11 @@ def layer_geometry(index: ModelIndex, plan: QuantPlan, spec: WeightQuant) -> Lay
     for bias in plan.biases:
         if bias.node == spec.node:
             bias_elements = math.prod(initializers[bias.tensor].const_value.shape)
+    group_sizes = (spec.low_bit_group_size, spec.int8_group_size) if spec.block_axis is not None \
+        and spec.axis is not None else (0, 0)
     return LayerGeometry(index.node(spec.node).op_type, tuple(weight.shape.numpy()), spec.axis,
-                         bias_elements, spec.grid.signed)
+                         bias_elements, spec.grid.signed, group_sizes, spec.asymmetric,
+                         len(spec.tensor.encode()))
 
 
 def predict_layer_bytes(geometry: LayerGeometry, bits: int,
@@ -141,7 +159,11 @@ def predict_layer_bytes(geometry: LayerGeometry, bits: int,
     """Payload bytes the emitter will write for a layer at `bits` (symmetric codes)."""
     options = options or EmitOptions()
     grid = IntRange(bits, geometry.signed)
-    storage = weight_storage(geometry.op_type, geometry.weight_shape, geometry.axis, grid, options)
+    group = geometry.group_size(bits)
+    storage = weight_storage(geometry.op_type, geometry.weight_shape, geometry.axis, grid, options,
+                             group)
+    if group:
+        return _predict_grouped_bytes(geometry, storage, group, geometry.asymmetric and bits < 8)
     if storage is Storage.NBITS:
         k, n = geometry.weight_shape
         block = nbits_block_size(k, options)
@@ -157,6 +179,40 @@ def predict_layer_bytes(geometry: LayerGeometry, bits: int,
     if geometry.bias_elements:
         total += 4 * geometry.bias_elements + 4 * channels
     return total
+
+
+def _predict_grouped_bytes(geometry: LayerGeometry, storage: Storage, group: int,
+                           asymmetric: bool) -> int:
+    """Group-wise layouts: codes, one float32 scale per group, zero points (container bits)
+    only when asymmetric; a Conv's 4-D shape for the Reshape behind its DQ; the bias."""
+    rows, length = grouped_shape(geometry.weight_shape)
+    view = (rows, length)
+    # The reduction axis of the view, as onnxq.passes.op_table.reduction_axis gives it.
+    block_axis = {"MatMul": 0, "Gemm": 1 - (geometry.axis or 0)}.get(geometry.op_type, 1)
+    groups = group_count(view[block_axis], group) * view[1 - block_axis]
+    if storage is Storage.NBITS:
+        n = view[1]
+        zero_points = n * math.ceil(group_count(view[0], group) / 2) if asymmetric else 0
+        return groups * (group // 2 + 4) + zero_points
+    total = math.ceil(geometry.elements * storage.bits / 8) + 4 * groups
+    total += math.ceil(groups * storage.bits / 8) if asymmetric else 0
+    total += 8 * len(geometry.weight_shape) if len(geometry.weight_shape) > 2 else 0
+    if geometry.bias_elements:
+        total += 4 * geometry.bias_elements + 4 * geometry.channels
+    return total
+
+
+def framing_bytes(geometry: LayerGeometry, bits: int) -> int:
+    """An upper bound of the protobuf framing a group-wise layout adds to the file beyond the
+    per-channel one (payloads are `predict_layer_bytes`'): the DQ's block_size attribute, and
+    for a Conv the Reshape node and its shape tensor, whose names repeat the weight's name
+    about 7 times. Size budgets add it, so that the written file keeps within them."""
+    if not geometry.group_size(bits):
+        return 0
+    extra = 16
+    if len(geometry.weight_shape) > 2:
+        extra += 7 * (geometry.name_length + 6) + 48
+    return extra
 
 
 def predicted_layer_bytes(model: ir.Model, plan: QuantPlan,

@@ -29,6 +29,7 @@ from onnxq.cli.check import check
 from onnxq.cli.compare import compare
 from onnxq.cli.support import OneLineCommand, OneLineGroup, reports_errors
 from onnxq.config import (
+    DEFAULT_GROUP_SIZE,
     ActivationMode,
     ActivationType,
     CalibrationMethod,
@@ -39,6 +40,7 @@ from onnxq.config import (
     ScaleSearch,
     WeightMethod,
     load_config,
+    parse_group_size,
 )
 from onnxq.errors import ConfigError
 from onnxq.report.card import card_paths
@@ -139,6 +141,11 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="Percentile kept by --method percentile [default: 99.999].")
 @click.option("--per-tensor", is_flag=True, default=None,
               help="One scale per weight tensor instead of one per output channel.")
+@click.option("--group-size", default=None, metavar="N",
+              help="Weights below 8 bits get one scale per N consecutive weights along the "
+                   "reduction axis (N >= 2; 0: one per output channel) "
+                   f"[default: {DEFAULT_GROUP_SIZE}]. 8-bit weights stay per channel "
+                   "(weight_granularity = \"per_group(N)\" in a config file groups them too).")
 @click.option("--act-type", type=click.Choice([t.value for t in ActivationType]), default=None,
               help="Activation type: uint8 asymmetric or int8 symmetric [default: uint8].")
 @click.option("--exclude", multiple=True,
@@ -188,7 +195,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
                      max_latency: float | None, candidate_bits: str | None, sensitivity: str | None,
                      no_matmul_nbits: bool | None,
                      no_gather: bool | None, percentile: float | None, per_tensor: bool | None,
-                     act_type: str | None,
+                     group_size: str | None, act_type: str | None,
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
                      no_smooth: bool | None, no_equalize: bool | None, no_bias_correction: bool | None,
                      config_file: Path | None, holdout: int | None, max_feeds: int | None,
@@ -221,6 +228,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
         matmul_nbits=False if no_matmul_nbits else None, quantize_gather=False if no_gather else None,
         percentile=percentile,
         weight_granularity=PerTensor() if per_tensor else None,
+        weight_group_size=None if group_size is None else parse_group_size(group_size),
         activation_type=ActivationType(act_type) if act_type else None,
         exclude=_split_list(exclude),
         quantize_activation_matmul=False if no_activation_matmul else None,

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from onnxq import model_io
 from onnxq.bits.allocation import AllocationReport
 from onnxq.config import QuantConfig, config_to_dict
-from onnxq.plan import QuantPlan
+from onnxq.plan import QuantPlan, WeightQuant
 from onnxq.qparams import QParams
 from onnxq.report.provenance import ModelDigest, Provenance
 from onnxq.scoring.fidelity import FidelityReport
@@ -60,6 +60,12 @@ def card_paths(output: str | Path) -> tuple[Path, Path]:
 CARD_VERSION = 2
 
 
+def _granularity(spec: WeightQuant) -> str:
+    if spec.group_size:
+        return f"per_group({spec.group_size})"
+    return "per_tensor" if spec.axis is None else f"per_channel(axis={spec.axis})"
+
+
 def quantization_card(result: QuantResult, written: ModelDigest | None = None,
                       model_file: str | None = None) -> dict[str, Any]:
     """The card as plain data; `written` is the digest of the model file as written."""
@@ -74,7 +80,7 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
             "op_type": result.plan.quantized_nodes.get(spec.node),
             "weight": spec.tensor,
             "bits": spec.grid.bits,
-            "granularity": "per_tensor" if spec.axis is None else f"per_channel(axis={spec.axis})",
+            "granularity": _granularity(spec),
             "symmetric": bool((result.qparams.weights[spec].zero_point == 0).all()),
             "method": method if spec.node in result.searched_layers else "rtn",
             "bits_from": (f"rule {result.plan.bits_rules[spec.node]}" if spec.node in result.plan.bits_rules

@@ -10,6 +10,8 @@ Per layer, on a QDQ model written by any tool (onnxq, ORT's `quantize_static`):
 
         activation  t -> Q -> DQ -> L        L reads t
         constant    W_q -> DQ(axis) -> L      L reads the float constant W
+                    (blocked DQs of group-wise weights alike, and a grouped Conv weight's
+                    W_q -> DQ(axis, block_size) -> Reshape -> L)
 
 For each layer L two variants of the quantized graph are run on the feeds:
 
@@ -241,9 +243,9 @@ def _dequantized(dequantize: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
 def _matches_float(dequantize: ir.Node, float_array: np.ndarray) -> bool:
     """True when the DQ's values are the float constant rounded: within half a step."""
     decoded = _dequantized(dequantize)
-    if decoded is None or decoded[0].shape != float_array.shape:
+    if decoded is None or decoded[0].size != float_array.size:
         return False
-    values, step = decoded
+    values, step = (d.reshape(float_array.shape) for d in decoded)  # a reshaped grouped view
     reference = float_array.astype(np.float64)
     tolerance = 0.5 * step * 1.01 + 1e-6 * np.abs(reference) + 1e-12
     return bool(np.mean(np.abs(values - reference) <= tolerance) >= 0.999)
@@ -258,7 +260,7 @@ def _float_constants(points: list[_Point], candidate: ir.Node) -> dict[int, np.n
     for point in points:
         array = _constant(candidate.inputs[point.index]) if point.index < len(candidate.inputs) else None
         codes = _constant(point.dequantize.inputs[0])
-        if array is None or array.dtype.kind != "f" or codes is None or codes.shape != array.shape:
+        if array is None or array.dtype.kind != "f" or codes is None or codes.size != array.size:
             return None
         found[point.index] = array
     weights = [p for p in points if _constant(p.dequantize.inputs[0]).dtype != np.int32] or points
@@ -267,10 +269,21 @@ def _float_constants(points: list[_Point], candidate: ir.Node) -> dict[int, np.n
     return found
 
 
+def _dequantize_behind(value: ir.Value | None) -> ir.Node | None:
+    """The producer of `value`; through a Reshape of a DQ of constants (a group-wise Conv
+    weight, stored as (O, I * kh * kw) and reshaped back), that DQ."""
+    producer = value.producer() if value is not None else None
+    if _is_op(producer, "Reshape") and _constant(producer.inputs[1]) is not None:
+        inner = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+        if _is_op(inner, "DequantizeLinear") and _constant(inner.inputs[0]) is not None:
+            return inner
+    return producer
+
+
 def _points_of(node: ir.Node) -> list[_Point]:
     points = []
     for index, value in enumerate(node.inputs):
-        dequantize = value.producer() if value is not None else None
+        dequantize = _dequantize_behind(value)
         if not _is_op(dequantize, "DequantizeLinear"):
             continue
         source = dequantize.inputs[0]

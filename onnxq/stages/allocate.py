@@ -49,8 +49,11 @@ class Allocation:
         quantized_bytes = 0
         budget = budget_from(state.config)
         if budget is not None and budget.counts_file:
+            # measured with the free layers at 8 bits, per channel: the layout whose framing the
+            # size costs (onnxq.bits.sizes.framing_bytes) count from
+            at_8 = state.plan.with_weight_bits(dict.fromkeys(free, 8))
             quantized_bytes = model_io.to_proto(
-                emit(state.model, state.plan, candidates.qparams_for(state.plan), layout)).ByteSize()
+                emit(state.model, at_8, candidates.qparams_for(at_8), layout)).ByteSize()
         latency = candidates.latency_table(free) if state.config.max_latency is not None else None
         request = AllocationRequest(state.index, state.plan, state.config, state.calibration, layout,
                                     state.float_bytes, quantized_bytes, latency)

@@ -191,7 +191,8 @@ def bias_sources(state: QuantState) -> dict[BiasQuant, BiasSource]:
     for spec in state.plan.biases:
         weight = state.plan.weight_of(spec.node)
         if weight is not None and weight in state.qparams.weights:
-            sources[spec] = BiasSource(float_bias(state, spec), state.qparams.weights[weight].scale)
+            sources[spec] = BiasSource(float_bias(state, spec),
+                                      state.qparams.weights[weight].channel_scales())
     return sources
 
 

@@ -48,8 +48,12 @@ class ComqResult:
     zero_point: np.ndarray
     codes: np.ndarray
     errors: tuple[float, ...]
+    group_size: int = 0  # > 0: scale and zero point per group of coordinates (comq_groups)
 
     def dequantized(self) -> np.ndarray:
+        if self.group_size:
+            index = np.arange(self.codes.shape[-1]) // self.group_size
+            return (self.codes.astype(np.float64) - self.zero_point[..., index]) * self.scale[..., index]
         return (self.codes.astype(np.float64) - self.zero_point[..., None]) * self.scale[..., None]
 
 
@@ -115,8 +119,7 @@ def comq(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetric: boo
     weight = np.asarray(weight, np.float64).reshape(-1, *np.shape(weight)[-2:])
     hessian = np.asarray(hessian, np.float64).reshape(-1, *np.shape(hessian)[-2:])
     d_in = weight.shape[-1]
-    trace = np.trace(hessian, axis1=-2, axis2=-1) / d_in
-    hessian = hessian + np.eye(d_in) * (settings.damping * np.maximum(trace, 1e-12))[:, None, None]
+    hessian = damped(hessian, settings.damping)
     scale, zero, codes = best_rounded_start(weight, hessian, grid, symmetric,
                                             settings.scale_candidates)
     order = _coordinate_order(weight, hessian, settings.greedy_order)
@@ -127,7 +130,8 @@ def comq(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetric: boo
     diagonal = np.diagonal(hessian_p, axis1=-2, axis2=-1).copy()
     quantized = (codes - zero[..., None]) * scale[..., None]
     if settings.gptq_start:
-        feedback = gptq_codes(weight_p, hessian_p, scale, zero, grid, settings.block)
+        feedback = gptq_codes(weight_p, hessian_p, _per_coordinate(scale, d_in),
+                              _per_coordinate(zero, d_in), grid, settings.block)
         feedback_q = (feedback - zero[..., None]) * scale[..., None]
         better = (reconstruction_error(weight_p, feedback_q, hessian_p)
                   < reconstruction_error(weight_p, quantized, hessian_p))[..., None]
@@ -135,8 +139,8 @@ def comq(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetric: boo
         quantized = np.where(better, feedback_q, quantized)
     errors = [float(reconstruction_error(weight_p, quantized, hessian_p).sum())]
     for _ in range(settings.sweeps):
-        _code_sweep(_Problem(weight_p, hessian_p, diagonal), quantized, codes, scale, zero, grid,
-                    settings.block)
+        _code_sweep(_Problem(weight_p, hessian_p, diagonal), quantized, codes,
+                    _per_coordinate(scale, d_in), _per_coordinate(zero, d_in), grid, settings.block)
         errors.append(float(reconstruction_error(weight_p, quantized, hessian_p).sum()))
         if settings.update_scales:
             scale, zero = scale_step(weight_p, hessian_p, codes, scale, zero, grid, symmetric)
@@ -148,6 +152,18 @@ def comq(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetric: boo
     if batched:
         return result
     return ComqResult(result.scale[0], result.zero_point[0], result.codes[0], result.errors)
+
+
+def damped(hessian: np.ndarray, damping: float) -> np.ndarray:
+    """H + damping * mean(diag H) I per group (`ComqConfig.damping`)."""
+    d_in = hessian.shape[-1]
+    trace = np.trace(hessian, axis1=-2, axis2=-1) / d_in
+    return hessian + np.eye(d_in) * (damping * np.maximum(trace, 1e-12))[:, None, None]
+
+
+def _per_coordinate(values: np.ndarray, d_in: int) -> np.ndarray:
+    """A row's value repeated for each of its d_in coordinates (a read-only view)."""
+    return np.broadcast_to(values[..., None], (*values.shape, d_in))
 
 
 def _coordinate_order(weight: np.ndarray, hessian: np.ndarray, greedy: bool) -> np.ndarray:
@@ -172,7 +188,8 @@ class _Problem(NamedTuple):
 
 def _code_sweep(problem: _Problem, quantized: np.ndarray, codes: np.ndarray, scale: np.ndarray,
                 zero: np.ndarray, grid: IntRange, block: int) -> None:
-    """One pass over all coordinates, in place, for every group at once. Within a block of
+    """One pass over all coordinates, in place, for every group at once (scale and zero per
+    coordinate, (groups, rows, d_in): a row's own, or its coordinate group's). Within a block of
     coordinates the gradient is updated column by column; the rest of it once per block, by one
     matrix product (the result is the same as updating everything at every step)."""
     weight, hessian, diagonal = problem
@@ -183,8 +200,9 @@ def _code_sweep(problem: _Problem, quantized: np.ndarray, codes: np.ndarray, sca
         deltas = np.zeros((*weight.shape[:2], stop - start))
         for j in range(start, stop):
             target = quantized[..., j] + gradient[..., j] / diagonal[:, j, None]
-            new_codes = np.clip(np.round(target / scale) + zero, grid.qmin, grid.qmax)
-            delta = (new_codes - zero) * scale - quantized[..., j]
+            s, z = scale[..., j], zero[..., j]
+            new_codes = np.clip(np.round(target / s) + z, grid.qmin, grid.qmax)
+            delta = (new_codes - z) * s - quantized[..., j]
             codes[..., j] = new_codes
             quantized[..., j] += delta
             gradient[..., start:stop] -= delta[..., None] * hessian[:, None, j, start:stop]
@@ -197,7 +215,7 @@ def gptq_codes(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero:
                grid: IntRange, block: int = 128) -> np.ndarray:
     """GPTQ's codes (Frantar et al., 2022) at fixed scales and zero points, coordinates in
     index order: weight (groups, rows, d_in), hessian (groups, d_in, d_in), scale and zero
-    (groups, rows).
+    per row (groups, rows) or per coordinate (groups, rows, d_in).
 
     Coordinate j is rounded to the nearest code of its current (compensated) value; with U the
     upper Cholesky factor of H^-1 (H^-1 = U^T U), moving the coordinates after it by
@@ -209,12 +227,15 @@ def gptq_codes(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero:
     work = weight.copy()
     codes = np.empty_like(weight)
     d_in = weight.shape[-1]
+    if np.ndim(scale) < weight.ndim:
+        scale, zero = _per_coordinate(scale, d_in), _per_coordinate(zero, d_in)
     for start in range(0, d_in, block):
         stop = min(start + block, d_in)
         scaled = np.zeros((*weight.shape[:2], stop - start))
         for j in range(start, stop):
-            codes[..., j] = np.clip(np.round(work[..., j] / scale) + zero, grid.qmin, grid.qmax)
-            error = (work[..., j] - (codes[..., j] - zero) * scale) / upper[:, j, j, None]
+            s, z = scale[..., j], zero[..., j]
+            codes[..., j] = np.clip(np.round(work[..., j] / s) + z, grid.qmin, grid.qmax)
+            error = (work[..., j] - (codes[..., j] - z) * s) / upper[:, j, j, None]
             work[..., j + 1:stop] -= error[..., None] * upper[:, None, j, j + 1:stop]
             scaled[..., j - start] = error
         if stop < d_in:
@@ -251,13 +272,24 @@ def scale_step(weight: np.ndarray, hessian: np.ndarray, codes: np.ndarray, scale
     code_w = np.sum(codes_h * weight, axis=-1)[..., None]
     code_code = np.sum(codes_h * codes, axis=-1)[..., None]
     if symmetric:
+        return best_scale_and_zero((code_w, code_code, None, None, None), scale, zero, grid)
+    ones_h = hessian.sum(axis=-1)[:, None, :]  # H 1, (groups, 1, d_in)
+    one_w = np.sum(ones_h * weight, axis=-1)[..., None]
+    one_code = np.sum(ones_h * codes, axis=-1)[..., None]
+    one_one = ones_h.sum(axis=-1)[..., None]
+    return best_scale_and_zero((code_w, code_code, one_w, one_code, one_one), scale, zero, grid)
+
+
+def best_scale_and_zero(products: tuple, scale: np.ndarray, zero: np.ndarray,
+                        grid: IntRange) -> tuple[np.ndarray, np.ndarray]:
+    """The (s, z) per row maximizing the error drop 2 s num(z) - s^2 den(z), from the products
+    (c^T H w, c^T H c, 1^T H w, 1^T H c, 1^T H 1), each (..., 1); the last three None when
+    symmetric (z stays). A row keeps its (s, z) unless a candidate is strictly better."""
+    code_w, code_code, one_w, one_code, one_one = products
+    if one_w is None:
         zeros = zero[..., None]
         one_w = one_code = one_one = np.zeros_like(code_w)
     else:
-        ones_h = hessian.sum(axis=-1)[:, None, :]  # H 1, (groups, 1, d_in)
-        one_w = np.sum(ones_h * weight, axis=-1)[..., None]
-        one_code = np.sum(ones_h * codes, axis=-1)[..., None]
-        one_one = ones_h.sum(axis=-1)[..., None]
         grid_zeros = np.arange(grid.qmin, grid.qmax + 1, dtype=np.float64)
         zeros = np.concatenate([zero[..., None], np.broadcast_to(grid_zeros, (*zero.shape, grid_zeros.size))],
                                axis=-1)

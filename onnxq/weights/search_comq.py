@@ -1,7 +1,8 @@
 """COMQ over a whole plan: per weight layer, rows and H in, `WeightParams` with COMQ's codes out.
 
 Takes the Gram matrices of the layers' inputs (onnxq.weights.gram) and runs the numeric core
-(onnxq.weights.comq) per layer and per Conv group. Layers COMQ cannot take (a MatMul weight of rank
+(onnxq.weights.comq, or onnxq.weights.comq_groups for group-wise scales) per layer and per Conv
+group. Layers COMQ cannot take (a MatMul weight of rank
 > 2) keep their round-to-nearest parameters. The codes, scales and zero points returned (zero
 points non-zero for the op types in `ComqConfig.asymmetric_ops`) are emitted as they are.
 """
@@ -18,7 +19,8 @@ from onnxq.config import ComqConfig, RtnConfig
 from onnxq.index import ModelIndex
 from onnxq.plan import WeightQuant
 from onnxq.qparams import WeightParams
-from onnxq.weights.comq import comq
+from onnxq.weights.comq import ComqResult, comq
+from onnxq.weights.comq_groups import comq_groups
 from onnxq.weights.gram import GramAccumulator, weight_from_rows, weight_rows
 from onnxq.weights.registry import Observers, register
 from onnxq.weights.rtn import RoundToNearest
@@ -91,14 +93,33 @@ def comq_weight_params(layers: Mapping[WeightQuant, ir.Node],
         # 8-bit weights stay symmetric: ORT's fast QLinearConv / QGemm kernels need a zero
         # weight zero point (asymmetric int8 Convs ran EfficientNet-Lite0 ~10x slower).
         symmetric = node.op_type not in settings.asymmetric_ops or spec.grid.bits >= 8
-        result = comq(rows, gram.hessian, spec.grid, symmetric, settings)
+        if spec.group_size:
+            result = comq_groups(rows, gram.hessian, spec.grid, symmetric, spec.group_size, settings)
+        else:
+            result = comq(rows, gram.hessian, spec.grid, symmetric, settings)
         logger.debug("%s: error %.4g -> %.4g", spec.node, result.errors[0], result.errors[-1])
+        codes_in_layout = weight_from_rows(node, result.codes, weight.shape).astype(spec.grid.dtype)
+        if spec.group_size:
+            params[spec] = _group_params(result, spec, codes_in_layout)
+            continue
         row_scales = result.scale.reshape(-1)
-        codes_in_layout = weight_from_rows(node, result.codes, weight.shape)
         params[spec] = WeightParams(scale=_scales_on_axis(row_scales, spec, weight.shape),
                                     zero_point=result.zero_point.reshape(-1).astype(spec.grid.dtype),
-                                    codes=codes_in_layout.astype(spec.grid.dtype))
+                                    codes=codes_in_layout)
     return params
+
+
+def _group_params(result: ComqResult, spec: WeightQuant, codes: np.ndarray) -> WeightParams:
+    """Per-row group scales (G, rows, groups) in the blocked layout of the weight's grouped view
+    (onnxq.numerics): rows are output channels, so a view blocked along axis 0 (a MatMul's
+    (K, N)) takes them transposed."""
+    def laid_out(values: np.ndarray) -> np.ndarray:
+        values = values.reshape(-1, values.shape[-1])
+        return values.T if spec.block_axis == 0 else values
+
+    return WeightParams(scale=np.ascontiguousarray(laid_out(result.scale)).astype(np.float32),
+                        zero_point=np.ascontiguousarray(laid_out(result.zero_point)).astype(spec.grid.dtype),
+                        codes=codes, group_size=spec.group_size, block_axis=spec.block_axis)
 
 
 def _scales_on_axis(row_scales: np.ndarray, spec: WeightQuant, shape: tuple[int, ...]) -> np.ndarray:
