@@ -190,10 +190,11 @@ def gather_block_size(row: int) -> int | None:
 
 def gather_block_codes(params: WeightParams, grid: IntRange,
                        storage: Storage) -> tuple[np.ndarray, np.ndarray, int]:
-    """A GatherBlockQuantized table's stored codes, its zero points (per row) and the zero
-    point the kernel assumes without a zero_points input: int4 codes with 0; for 8 bits, uint8
-    codes (c + 128 when signed) with 128."""
-    zero_point = np.asarray(params.zero_point).reshape(-1)
+    """A GatherBlockQuantized table's stored codes, its zero points (per row, or per group as
+    (rows, groups)) and the zero point the kernel assumes without a zero_points input: int4
+    codes with 0; for 8 bits, uint8 codes (c + 128 when signed) with 128."""
+    zero_point = np.asarray(params.zero_point)
+    zero_point = zero_point.reshape(-1) if zero_point.ndim <= 1 else zero_point
     if storage is Storage.GATHER_BLOCKS:
         dtype = storage_dtype(grid, Storage.GATHER_BLOCKS)
         return params.codes.astype(dtype), zero_point.astype(dtype), 0

@@ -125,7 +125,9 @@ def test_grouped_round_trip_through_ort(name, bits, group, asymmetric):
         onnx.checker.check_model(emitted)
         ops = {node.op_type for node in emitted.graph.node}
         kernel = {"MatMul": "MatMulNBits", "Gather": "GatherBlockQuantized"}.get(CASES[name][0])
-        if kernel and bits < 8 and group == 16 and (kernel != "MatMulNBits" or options.matmul_nbits):
+        # 8-bit tables too are GatherBlockQuantized (bits=8); 8-bit MatMuls are DQ containers
+        low_bits = bits < 8 or kernel == "GatherBlockQuantized"
+        if kernel and low_bits and group == 16 and (kernel != "MatMulNBits" or options.matmul_nbits):
             assert kernel in ops, ops
         else:
             assert "DequantizeLinear" in ops

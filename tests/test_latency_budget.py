@@ -65,6 +65,7 @@ def test_the_table_predicts_from_its_anchor():
     assert table.predicted_ms({"a": 4, "b": 4}) == pytest.approx(11.5)
     # within 1.0x float: the layers may take 12 - (10 - 2) = 4 ms together
     assert table.layer_limit_ms(1.0) == pytest.approx(4.0)
+    assert table.fastest_ms() == pytest.approx(8.5)  # a at 8 bits, b at 4
 
 
 def test_dequantize_nodes_are_shared_between_the_layers_they_feed():
@@ -76,6 +77,11 @@ def test_dequantize_nodes_are_shared_between_the_layers_they_feed():
     weight_dq = [node.name for node in result.model.graph.node
                  if node.op_type == "DequantizeLinear" and node.input[0] == "w2_q"]
     assert shares[weight_dq[0]] == {"conv2": 1.0}
+    # a grouped Conv weight is reshaped behind its DQ: the Reshape is the layer's too
+    reshapes = [node.name for node in result.model.graph.node if node.op_type == "Reshape"
+                and node.input[0] == weight_dq[0]]
+    assert reshapes  # the default group size applies below 8 bits
+    assert all(shares[name] == {"conv2": 1.0} for name in reshapes)
     # p1 feeds conv2 and the residual Add: its DQ belongs to conv2 only (Add is no layer)
     times = [NodeTime("conv2", "Conv", 2.0), NodeTime(weight_dq[0], "DequantizeLinear", 0.5),
              NodeTime("relu1", "Relu", 9.0)]

@@ -49,28 +49,45 @@ class LatencyTable:
         return self.reference_ms + sum(self.ms[layer][b] - self.ms[layer][self.reference_bits]
                                        for layer, b in bits.items())
 
+    def fastest_ms(self) -> float:
+        """Wall time predicted with each layer at its fastest bit-width."""
+        return self.predicted_ms({layer: min(costs, key=costs.get) for layer, costs in self.ms.items()})
+
     def layer_limit_ms(self, ratio: float) -> float:
         """What the table's layers may take together so the model runs within `ratio` of float."""
         outside = self.reference_ms - sum(costs[self.reference_bits] for costs in self.ms.values())
         return ratio * self.float_ms - outside
 
 
+# Nodes between a weight's DequantizeLinear and its layer (a grouped Conv weight's Reshape).
+_PASS_THROUGH = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast"})
+
+
 def layer_shares(model: onnx.ModelProto, layers: Sequence[str]) -> dict[str, dict[str, float]]:
     """Node name -> {layer: share of its time}: each layer's own node, and every
-    DequantizeLinear feeding a layer (split evenly among the layers it feeds)."""
+    DequantizeLinear feeding a layer, with the shape ops between them (each split evenly among
+    the layers it feeds)."""
     wanted = set(layers)
     producer = {output: node for node in model.graph.node for output in node.output}
     fed: dict[str, set[str]] = defaultdict(set)
+
+    def feeding(name: str) -> list[str]:
+        """The DQ (and shape ops) that produce tensor `name`, nearest first; [] if no DQ."""
+        chain = []
+        source = producer.get(name)
+        while source is not None and source.op_type in _PASS_THROUGH:
+            chain.append(source.name)
+            source = producer.get(source.input[0])
+        return [*chain, source.name] if source is not None and source.op_type == "DequantizeLinear" else []
+
     for node in model.graph.node:
-        if node.name not in wanted:
-            continue
-        for name in node.input:
-            source = producer.get(name)
-            if source is not None and source.op_type == "DequantizeLinear":
-                fed[source.name].add(node.name)
+        if node.name in wanted:
+            for name in node.input:
+                for feeder in feeding(name):
+                    fed[feeder].add(node.name)
     shares = {name: {name: 1.0} for name in wanted}
-    for dq, consumers in fed.items():
-        shares[dq] = {layer: 1.0 / len(consumers) for layer in consumers}
+    for feeder, consumers in fed.items():
+        shares[feeder] = {layer: 1.0 / len(consumers) for layer in consumers}
     return shares
 
 

@@ -59,7 +59,12 @@ class Allocation:
                                     state.float_bytes, quantized_bytes, latency)
         probes = LayerProbes(candidates.values, candidates.probe_base(free),
                              candidates.fidelity_of if len(state.held_out) else None)
-        report = allocate_bits(request, probes, state.stage_progress("sensitivity", len(free)))
+        try:
+            report = allocate_bits(request, probes, state.stage_progress("sensitivity", len(free)))
+        except ConfigError:
+            if latency is None:
+                raise
+            raise _latency_not_met(state.config, None, latency.fastest_ms() / latency.float_ms) from None
         if latency is not None:
             report = _within_measured_latency(request, probes, report, candidates, free)
         state.plan = state.plan.with_weight_bits(report.bits)
@@ -69,9 +74,13 @@ class Allocation:
 LATENCY_SOLVES = 3
 
 
-def _latency_not_met(config: QuantConfig, measured: float, predicted: float) -> ConfigError:
+def _latency_not_met(config: QuantConfig, measured: float | None, predicted: float) -> ConfigError:
+    """A one-line error: the budget, and the closest allocation's measured or predicted ratio."""
     budget = budget_from(config)
     within = "" if budget is None else f" within {budget.config_key} {getattr(config, budget.config_key)}"
+    if measured is None:
+        return ConfigError(f"max_latency {config.max_latency:g} cannot be met{within}: the fastest "
+                           f"allocation is predicted at {predicted:.2f}x float")
     return ConfigError(f"max_latency {config.max_latency:g} cannot be met{within}: the allocation "
                        f"measured {measured:.2f}x float (predicted {predicted:.2f}x) and no faster "
                        f"one fits")
