@@ -134,23 +134,29 @@ _FUSED_SUFFIX = re.compile(r"_token_\d+$")
 
 
 def node_times_ms(model: sessions.Model, feed: Feed, timing: Timing, label: str) -> list[NodeTime]:
-    """Mean time per run of each node ORT ran (its profile over `timing.runs` runs after the
-    warm-up), slowest first; a fused node is named after the node it replaced."""
+    """Median time per run of each node ORT ran (its profile of `timing.runs` runs after the
+    warm-up; a median, so that a run the machine interrupted does not move it), slowest first;
+    a fused node is named after the node it replaced."""
     with tempfile.TemporaryDirectory(prefix="onnxq-profile-") as folder:
         settings = timing.session_settings(profile_prefix=f"{folder}/profile")
         session = sessions.open_session(model, label, settings)
         timed_runs(session, feed, timing.runs, timing.warmup, label)
         with open(session.end_profiling(), encoding="utf-8") as file:
             events = json.load(file)
-    total: dict[str, float] = defaultdict(float)
+    durations: dict[str, list[float]] = defaultdict(list)
     op_types: dict[str, str] = {}
-    runs = timing.runs + timing.warmup
     for event in events:
         name = event.get("name", "")
         if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
             continue
         node = _FUSED_SUFFIX.sub("", name[: -len("_kernel_time")])
-        total[node] += event["dur"] / 1e3 / runs
+        durations[node].append(event["dur"] / 1e3)
         op_types[node] = event.get("args", {}).get("op_name", "?")
-    return sorted((NodeTime(node, op_types[node], ms) for node, ms in total.items()),
-                  key=lambda item: (-item.ms, item.node))
+    # Events come in run order, one per node and run (two nodes fused from one are summed).
+    runs = timing.runs + timing.warmup
+    times = []
+    for node, values in durations.items():
+        per_run = np.asarray(values).reshape(runs, -1).sum(axis=1) if len(values) % runs == 0 \
+            else np.asarray(values)
+        times.append(NodeTime(node, op_types[node], float(np.median(per_run[-timing.runs:]))))
+    return sorted(times, key=lambda item: (-item.ms, item.node))
