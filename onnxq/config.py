@@ -472,6 +472,11 @@ class QuantConfig:
             (ORT's 4-bit kernel) rather than DequantizeLinear -> MatMul, which ORT runs as a
             float MatMul after dequantizing the weight on every run (MiniLM W4: 2.3x faster
             at sequence 128, and as accurate).
+        conv_storage: how Conv weights below 8 bits are written: "compact" (default: int4
+            codes, group-wise scales; the smallest file, but ORT 1.32 has no integer kernel
+            for them, so each runs as a float Conv behind a DequantizeLinear of its weight on
+            every run) or "fast" (the same codes per channel in an int8 container: ORT's
+            QLinearConv, 8-bit speed and size, 4-bit accuracy). A choice of layout only.
         nbits_accuracy_level: MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16,
             4 int8 compute).
         quantize_gather: quantize constant embedding tables read by Gather (per row).
@@ -542,6 +547,7 @@ class QuantConfig:
     sensitivity_base: SensitivityBase = SensitivityBase.FLOAT
     allocator: Allocator = Allocator.SENSITIVITY
     matmul_nbits: bool = True
+    conv_storage: str = "compact"
     nbits_accuracy_level: int = 4
     quantize_gather: bool = True
     exclude: tuple[str, ...] = ()
@@ -567,6 +573,8 @@ class QuantConfig:
             object.__setattr__(self, name, _enum_value(name, enum_type, getattr(self, name)))
         self._check_search_options()
         self._check_latency_options()
+        if self.conv_storage not in ("compact", "fast"):
+            raise ConfigError(f"conv_storage must be compact or fast, got {self.conv_storage!r}")
         if not isinstance(self.comq, ComqConfig):
             raise ConfigError(f"comq must be a ComqConfig, got {self.comq!r}")
         if not isinstance(self.method, CalibrationMethod):

@@ -31,6 +31,7 @@ def emit_options(config: QuantConfig) -> EmitOptions:
     """The emitter's layout options from a config."""
     return EmitOptions(matmul_nbits=config.matmul_nbits,
                        nbits_accuracy_level=config.nbits_accuracy_level,
+                       low_bit_convs_int8=config.conv_storage == "fast",
                        dynamic_uint8_weights=config.effective_reduce_range)
 
 

@@ -229,26 +229,33 @@ class _Walk:
         plan.weights.append(WeightQuant(
             weight.name, node.name, rule.weight_input, axis,
             IntRange(bits, True, self._reduce_range(node, weight)), block_axis,
-            *self._group_sizes(weight, block_axis), asymmetric=self._asymmetric(node)))
+            *self._group_sizes(node, weight, block_axis), asymmetric=self._asymmetric(node)))
         bias = node.inputs[rule.bias_input] if (with_bias and rule.bias_input is not None
                                                  and len(node.inputs) > rule.bias_input) else None
         if _is_constant(bias) and len(bias.const_value.shape) == 1:
             plan.biases.append(BiasQuant(bias.name, node.name, rule.bias_input,
                                          node.inputs[0].name, weight.name))
 
-    def _group_sizes(self, weight: ir.Value, block_axis: int | None) -> tuple[int, int]:
+    def _group_sizes(self, node: ir.Node, weight: ir.Value, block_axis: int | None) -> tuple[int, int]:
         """Group sizes below 8 bits and at 8 bits (0: per channel); per channel too where a
-        row is no longer than one group (a depthwise 3x3 Conv's 9 weights)."""
-        if block_axis is None:
+        row is no longer than one group (a depthwise 3x3 Conv's 9 weights), and for Convs
+        stored fast (`conv_storage`: QLinearConv takes per-channel scales only)."""
+        if block_axis is None or self._fast_conv(node):
             return 0, 0
         length = grouped_shape(tuple(weight.const_value.shape))[block_axis]
         return tuple(size if size and length > size else 0
                      for size in (self.config.group_size_at(4), self.config.group_size_at(8)))
 
     def _asymmetric(self, node: ir.Node) -> bool:
-        """Rows below 8 bits get zero points (COMQ's `asymmetric_ops`)."""
+        """Rows below 8 bits get zero points (COMQ's `asymmetric_ops`); not a Conv stored fast:
+        ORT's QLinearConv with weight zero points takes a slow path (EfficientNet-Lite0's
+        depthwise Convs: 20-40 ms each against 0.4 ms)."""
         return (self.config.weight_method is WeightMethod.COMQ
-                and node.op_type in self.config.comq.asymmetric_ops)
+                and node.op_type in self.config.comq.asymmetric_ops
+                and not self._fast_conv(node))
+
+    def _fast_conv(self, node: ir.Node) -> bool:
+        return self.config.conv_storage == "fast" and node.op_type in ("Conv", "ConvTranspose")
 
     def _reduce_range(self, node: ir.Node, weight: ir.Value) -> bool:
         """7-bit codes for this 8-bit weight (`QuantConfig.reduce_range`)? Not for Gather tables

@@ -115,6 +115,9 @@ class EmitOptions:
         run (MiniLM: ~10 ms of a 25 ms run).
     dynamic_uint8_weights: dynamic layers store their codes as uint8 (code + 128, zero point
         + 128), for CPUs whose u8 x s8 kernels saturate (onnxq.passes.dynamic_quantize).
+    low_bit_convs_int8: Conv / ConvTranspose codes below 8 bits (per channel) in an int8
+        container, which ORT runs as QLinearConv; int4 has no integer Conv kernel in ORT 1.32
+        (`conv_storage = "fast"`).
     """
 
     matmul_nbits: bool = False
@@ -124,6 +127,7 @@ class EmitOptions:
     int2: bool = False
     gather_block_quantized: bool = True
     dynamic_uint8_weights: bool = False
+    low_bit_convs_int8: bool = False
 
     def __post_init__(self) -> None:
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
@@ -160,6 +164,8 @@ def weight_storage(op_type: str, shape: tuple[int, ...], axis: int | None, grid:
                      and bool(group_size or gather_block_size(shape[1]) is not None))
     if grid.bits > 4:
         return Storage.GATHER_BLOCKS_8 if gather_blocks else Storage.INT8
+    if options.low_bit_convs_int8 and op_type in ("Conv", "ConvTranspose") and not group_size:
+        return Storage.INT8
     if (options.matmul_nbits and op_type == "MatMul" and len(shape) == 2
             and (axis is None or axis % 2 == 1) and kernel_blocks):
         return Storage.NBITS

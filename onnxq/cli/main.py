@@ -132,6 +132,10 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="Bits the allocator chooses from, e.g. 4,8 [default: 2,3,4,8].")
 @click.option("--sensitivity", type=click.Choice(["mse", "kl", "infonce"]), default=None,
               help="Damage measure of the allocator's per-layer probes [default: mse].")
+@click.option("--conv-storage", type=click.Choice(["compact", "fast"]), default=None,
+              help="Conv weights below 8 bits: compact (int4, group-wise: smallest, run as float "
+                   "Convs by ORT) or fast (int8 container, per channel: QLinearConv) "
+                   "[default: compact].")
 @click.option("--no-matmul-nbits", is_flag=True, default=None,
               help="Write 2-4-bit MatMul weights as DequantizeLinear -> MatMul rather than "
                    "com.microsoft MatMulNBits (ORT's 4-bit kernel, the default).")
@@ -193,7 +197,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
                      avg_bits: float | None,
                      max_size: str | None, max_bops: float | None, max_drop: float | None,
                      max_latency: float | None, candidate_bits: str | None, sensitivity: str | None,
-                     no_matmul_nbits: bool | None,
+                     conv_storage: str | None, no_matmul_nbits: bool | None,
                      no_gather: bool | None, percentile: float | None, per_tensor: bool | None,
                      group_size: str | None, act_type: str | None,
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
@@ -224,7 +228,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
         layer_activations=layer_activations, layer_bits=layer_bits, avg_bits=avg_bits,
         **_size_budget(max_size), max_bops=max_bops,
         max_drop=max_drop, max_latency=max_latency, candidate_bits=_bits_list(candidate_bits),
-        sensitivity=sensitivity,
+        sensitivity=sensitivity, conv_storage=conv_storage,
         matmul_nbits=False if no_matmul_nbits else None, quantize_gather=False if no_gather else None,
         percentile=percentile,
         weight_granularity=PerTensor() if per_tensor else None,

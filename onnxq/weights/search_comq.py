@@ -90,9 +90,10 @@ def comq_weight_params(layers: Mapping[WeightQuant, ir.Node],
         weight = node.inputs[spec.input_index].const_value.numpy()
         group = gram.geometry.group if gram.geometry is not None else 1
         rows = weight_rows(node, weight, group)
-        # 8-bit weights stay symmetric: ORT's fast QLinearConv / QGemm kernels need a zero
-        # weight zero point (asymmetric int8 Convs ran EfficientNet-Lite0 ~10x slower).
-        symmetric = node.op_type not in settings.asymmetric_ops or spec.grid.bits >= 8
+        # the plan decides (WeightQuant.symmetric): 8-bit weights and Convs stored fast stay
+        # symmetric, since ORT's fast QLinearConv / QGemm kernels need a zero weight zero
+        # point (asymmetric int8 Convs ran EfficientNet-Lite0 ~10x slower)
+        symmetric = spec.symmetric
         if spec.group_size:
             result = comq_groups(rows, gram.hessian, spec.grid, symmetric, spec.group_size, settings)
         else:
