@@ -215,7 +215,8 @@ def test_conv_patches_times_weight_rows_is_the_conv(group, pads, strides, dilati
 
 def test_emitted_model_carries_comq_codes_exactly():
     result = onnxq.quantize(small_cnn(), small_cnn_feeds(24),
-                            onnxq.QuantConfig(weight_bits=4, weight_method=WeightMethod.COMQ))
+                            onnxq.QuantConfig(weight_bits=4, weight_method=WeightMethod.COMQ,
+                                              weight_group_size=0))  # per channel (groups: test_groups)
     model = ir.from_proto(result.model)
     nodes = {node.name: node for node in model.graph}
     assert model.opset_imports[""] >= 21

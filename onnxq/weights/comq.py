@@ -130,13 +130,9 @@ def comq(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetric: boo
     diagonal = np.diagonal(hessian_p, axis1=-2, axis2=-1).copy()
     quantized = (codes - zero[..., None]) * scale[..., None]
     if settings.gptq_start:
-        feedback = gptq_codes(weight_p, hessian_p, _per_coordinate(scale, d_in),
-                              _per_coordinate(zero, d_in), grid, settings.block)
-        feedback_q = (feedback - zero[..., None]) * scale[..., None]
-        better = (reconstruction_error(weight_p, feedback_q, hessian_p)
-                  < reconstruction_error(weight_p, quantized, hessian_p))[..., None]
-        codes = np.where(better, feedback, codes)
-        quantized = np.where(better, feedback_q, quantized)
+        codes, quantized = gptq_start(_Problem(weight_p, hessian_p, diagonal), codes, quantized,
+                                      (_per_coordinate(scale, d_in), _per_coordinate(zero, d_in)),
+                                      grid, settings.block)
     errors = [float(reconstruction_error(weight_p, quantized, hessian_p).sum())]
     for _ in range(settings.sweeps):
         _code_sweep(_Problem(weight_p, hessian_p, diagonal), quantized, codes,
@@ -159,6 +155,18 @@ def damped(hessian: np.ndarray, damping: float) -> np.ndarray:
     d_in = hessian.shape[-1]
     trace = np.trace(hessian, axis1=-2, axis2=-1) / d_in
     return hessian + np.eye(d_in) * (damping * np.maximum(trace, 1e-12))[:, None, None]
+
+
+def gptq_start(problem: _Problem, codes: np.ndarray, quantized: np.ndarray, grid_params: tuple,
+               grid: IntRange, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, GPTQ's codes at the start's scales and zero points (per coordinate, in
+    `grid_params`) where they have the lower error, else the given codes."""
+    scale, zero = grid_params
+    feedback = gptq_codes(problem.weight, problem.hessian, scale, zero, grid, block)
+    feedback_q = (feedback - zero) * scale
+    better = (reconstruction_error(problem.weight, feedback_q, problem.hessian)
+              < reconstruction_error(problem.weight, quantized, problem.hessian))[..., None]
+    return np.where(better, feedback, codes), np.where(better, feedback_q, quantized)
 
 
 def _per_coordinate(values: np.ndarray, d_in: int) -> np.ndarray:

@@ -36,7 +36,7 @@ from onnxq.weights.comq import (
     _zero_for,
     best_scale_and_zero,
     damped,
-    gptq_codes,
+    gptq_start,
     reconstruction_error,
 )
 
@@ -116,12 +116,8 @@ def comq_groups(weight: np.ndarray, hessian: np.ndarray, grid: IntRange, symmetr
     scale_p, zero_p = _per_coordinate(scale, group_p), _per_coordinate(zero, group_p)
     quantized = (codes - zero_p) * scale_p
     if settings.gptq_start:
-        feedback = gptq_codes(weight_p, hessian_p, scale_p, zero_p, grid, settings.block)
-        feedback_q = (feedback - zero_p) * scale_p
-        better = (reconstruction_error(weight_p, feedback_q, hessian_p)
-                  < reconstruction_error(weight_p, quantized, hessian_p))[..., None]
-        codes = np.where(better, feedback, codes)
-        quantized = np.where(better, feedback_q, quantized)
+        codes, quantized = gptq_start(problem, codes, quantized, (scale_p, zero_p), grid,
+                                      settings.block)
     errors = [float(reconstruction_error(weight_p, quantized, hessian_p).sum())]
     for _ in range(settings.sweeps):
         _code_sweep(problem, quantized, codes, scale_p, zero_p, grid, settings.block)
