@@ -290,3 +290,27 @@ def test_compare_per_layer_reads_grouped_weights(tmp_path):
         assert layers[name].weights is WeightSource.FLOAT
         assert 1 in layers[name].quantized_inputs
         assert layers[name].damage > 0
+
+
+def test_fast_conv_storage_keeps_codes_per_channel_in_int8_for_qlinearconv():
+    """`conv_storage = "fast"`: 4-bit Conv codes per channel, symmetric, in an int8 container,
+    which ORT fuses into QLinearConv (compact: int4 + DQ + float Conv); bytes as predicted."""
+    from onnxq.report.kernels import optimized_op_counts
+
+    feeds = graphs.small_cnn_feeds(12)
+    settings = {"weight_bits": 4, "weight_method": WeightMethod.COMQ, "measure_latency": False}
+    compact, _, _ = _quantized(graphs.small_cnn(), feeds, **settings)
+    fast, prepared, config = _quantized(graphs.small_cnn(), feeds, conv_storage="fast", **settings)
+    convs = [spec for spec in fast.plan.weights if spec.node.startswith("conv")]
+    assert convs and all(spec.group_size == 0 and spec.symmetric for spec in convs)
+    for spec in convs:
+        params = fast.qparams.weights[spec]
+        assert params.codes.min() >= -8 and params.codes.max() <= 7 and not np.any(params.zero_point)
+    assert optimized_op_counts(fast.model).get("QLinearConv") == 2
+    assert not optimized_op_counts(compact.model).get("QLinearConv")
+    codes = {init.name: init.data_type for init in fast.model.graph.initializer}
+    assert codes["w2_q"] == TensorProto.INT8
+    options = emit_options(config)
+    predicted = predicted_layer_bytes(prepared, fast.plan, options)
+    measured = layer_bytes(fast.model, fast.plan)
+    assert {name: measured[name] for name in predicted} == predicted
