@@ -109,6 +109,14 @@ ROWS: tuple[RowSpec, ...] = (
               _options(max_size_ratio=ratio, weight_method=method))
       for method, ratios in (("rtn", MIXED_SIZE_RATIOS), ("comq", MIXED_SIZE_RATIOS[1:3]))
       for ratio in ratios),
+    # Storage and latency (issue 11): 4-bit Convs in an int8 container (QLinearConv speed,
+    # 8-bit bytes), and the allocator under a latency budget alone and with a size budget.
+    RowSpec("onnxq W4A8 comq fast convs", "onnxq", "onnxq",
+            _options(weight_bits=4, weight_method="comq", conv_storage="fast")),
+    RowSpec("onnxq mixed latency 1x comq", "onnxq", "onnxq",
+            _options(max_latency=1.0, weight_method="comq")),
+    RowSpec(f"onnxq mixed {MIXED_SIZE_RATIOS[-1]:g}x + latency 1x comq", "onnxq", "onnxq",
+            _options(max_size_ratio=MIXED_SIZE_RATIOS[-1], max_latency=1.0, weight_method="comq")),
     *(RowSpec(f"onnxq mixed {MIXED_AVG_BITS:g}b random s{seed}", "onnxq", "onnxq",
               _options(avg_bits=MIXED_AVG_BITS, allocator="random", seed=seed))
       for seed in range(3)),
