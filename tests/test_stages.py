@@ -72,7 +72,9 @@ def test_run_stages_observes_once_for_every_stage_then_runs_them_in_order():
 
 def test_stages_follow_the_config():
     names = [stage.name for stage in stages_for(_prepared(QuantConfig()))]
-    assert names == ["ranges", "weights", "bias", "emit", "verify"]
+    assert names == ["ranges", "weights", "bias", "emit", "verify", "latency"]
+    untimed = stages_for(_prepared(QuantConfig(measure_latency=False)))
+    assert "latency" not in [stage.name for stage in untimed]
     with_budget = stages_for(_prepared(QuantConfig(avg_bits=6.0)))
     assert any(isinstance(stage, Allocation) for stage in with_budget)
     sequential = stages_for(_prepared(QuantConfig(weight_method=WeightMethod.COMQ, comq_sequential=True)))

@@ -80,6 +80,8 @@ class MeasureLatency:
         return {}
 
     def run(self, state: QuantState) -> None:
+        if state.quantized is None:  # nothing emitted (a run of the earlier stages only)
+            return
         config = state.config
         timing = Timing(threads=config.latency_threads, provider=config.provider)
         feed = state.fidelity_feeds.feed(0)
