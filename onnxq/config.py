@@ -450,8 +450,8 @@ class QuantConfig:
         mode_latency_slack: `activations = auto` takes the least damaging whole candidate
             (all static, all dynamic, the layers that helped alone) among those whose measured
             latency is within this much (of the float model's latency) of the fastest: 0.05, so
-            a candidate 5% of float slower counts as as fast (a shared machine's noise), one
-            13% slower does not (EfficientNet-Lite0's dynamic classifier).
+            a candidate 5% of float slower counts as fast as the fastest (a shared machine's
+            noise), one 13% slower does not.
         max_latency: the written model's latency as a ratio to the float model's (p50 through
             ORT on a held-out feed, `latency_threads` threads). A budget of the bit allocation
             (alone: the least damaging bits that run fast enough; with a size or bits budget:
