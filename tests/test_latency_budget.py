@@ -117,3 +117,13 @@ def test_an_impossible_latency_budget_is_one_line(tmp_path):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "max_latency" in lines[0] and "cannot be met" in lines[0], run.stderr
     assert not out.exists()
+
+
+def test_a_latency_budget_the_size_budget_rules_out_says_which_two_conflict():
+    from onnxq.stages.allocate import _latency_not_met
+
+    both = _latency_not_met(QuantConfig(max_size_ratio=0.23, max_latency=1.0), None, 0.66)
+    assert "max_latency 1 and max_size_ratio 0.23 cannot both be met" in str(both)
+    alone = _latency_not_met(QuantConfig(max_size_ratio=0.23, max_latency=0.5), None, 0.66)
+    assert ("cannot be met within max_size_ratio 0.23: the fastest allocation is predicted at 0.66x"
+            in str(alone))

@@ -15,9 +15,9 @@ keeping all-static and all-dynamic among the choices, makes the result at least 
 better uniform mode on those feeds, unless it is slower: a dynamic layer can cost more than it
 saves (EfficientNet-Lite0's classifier as DynamicQuantizeMatMul: 0.80x float against 0.70x
 for QGemm, 1 thread, in one measurement on a loaded machine), and a mode chosen for 0.001 less
-damage at 13% more latency is not what a user of `auto` wants. The per-layer step finds the layers whose input range swings from batch to
-batch (dynamic wins) among those with stable ranges (static keeps its fused QLinear kernels and
-its clipping, which dynamic min-max lacks).
+damage at 13% more latency is not what a user of `auto` wants. The per-layer step finds the
+layers whose input range swings from batch to batch (dynamic wins) among those with stable
+ranges (static keeps its fused QLinear kernels and its clipping, which dynamic min-max lacks).
 
 A free layer is one `layer_activations` rules do not fix. A layer switched to dynamic gets its
 weight at full range from the same searcher (`QuantPlan.with_dynamic`; a dynamic layer needs no

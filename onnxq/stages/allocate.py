@@ -78,6 +78,11 @@ def _latency_not_met(config: QuantConfig, measured: float | None, predicted: flo
     """A one-line error: the budget, and the closest allocation's measured or predicted ratio."""
     budget = budget_from(config)
     within = "" if budget is None else f" within {budget.config_key} {getattr(config, budget.config_key)}"
+    if measured is None and budget is not None and predicted <= config.max_latency:
+        key = budget.config_key
+        return ConfigError(f"max_latency {config.max_latency:g} and {key} {getattr(config, key)} cannot "
+                           f"both be met: every allocation within {key} is predicted slower (the "
+                           f"fastest, {predicted:.2f}x float, is over {key}); loosen one of them")
     if measured is None:
         return ConfigError(f"max_latency {config.max_latency:g} cannot be met{within}: the fastest "
                            f"allocation is predicted at {predicted:.2f}x float")
