@@ -335,6 +335,17 @@ class RtnConfig:
     """Round to nearest (onnxq.weights.rtn) has no settings."""
 
 
+def _split_rule(text: object, form: str) -> tuple[str, str]:
+    """A `--layer` rule's pattern and its lower-cased value (after the last "=")."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"layer rule {text!r} is not {form}")
+    pattern, _, value = text.rpartition("=")
+    pattern, value = pattern.strip(), value.strip().lower()
+    if not pattern:
+        raise ConfigError(f"layer rule {text!r} has an empty pattern")
+    return pattern, value
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """One `PATTERN=BITS` rule: layers matching `pattern` get `bits` (None: stay float)."""
@@ -344,12 +355,7 @@ class LayerRule:
 
     @classmethod
     def parse(cls, text: str) -> LayerRule:
-        if not isinstance(text, str) or "=" not in text:
-            raise ConfigError(f"layer rule {text!r} is not PATTERN=BITS")
-        pattern, _, bits = text.rpartition("=")
-        pattern, bits = pattern.strip(), bits.strip().lower()
-        if not pattern:
-            raise ConfigError(f"layer rule {text!r} has an empty pattern")
+        pattern, bits = _split_rule(text, "PATTERN=BITS")
         if bits == "float":
             return cls(pattern, None)
         if bits not in ("2", "3", "4", "8"):
@@ -366,12 +372,7 @@ class ModeRule:
 
     @classmethod
     def parse(cls, text: str) -> ModeRule:
-        if not isinstance(text, str) or "=" not in text:
-            raise ConfigError(f"layer rule {text!r} is not PATTERN=static or PATTERN=dynamic")
-        pattern, _, mode = text.rpartition("=")
-        pattern, mode = pattern.strip(), mode.strip().lower()
-        if not pattern:
-            raise ConfigError(f"layer rule {text!r} has an empty pattern")
+        pattern, mode = _split_rule(text, "PATTERN=static or PATTERN=dynamic")
         if mode not in (ActivationMode.STATIC.value, ActivationMode.DYNAMIC.value):
             raise ConfigError(f"layer rule {text!r}: activations must be static or dynamic")
         return cls(pattern, ActivationMode(mode))

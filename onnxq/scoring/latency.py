@@ -53,6 +53,11 @@ class Timing:
         if self.warmup < 0:
             raise ConfigError(f"latency warmup must be 0 or more, got {self.warmup}")
 
+    @classmethod
+    def for_config(cls, config: object) -> Timing:
+        """The deployment's timing of a `QuantConfig`: `latency_threads`, its provider."""
+        return cls(threads=config.latency_threads, provider=config.provider)
+
     def session_settings(self, profile_prefix: str | None = None) -> sessions.SessionSettings:
         """All optimizations, sequential execution, ORT's log quiet (failures are exceptions)."""
         return sessions.SessionSettings(threads=self.threads, provider=self.provider,

@@ -111,7 +111,7 @@ class _Probe:
     def latency(self) -> dict[str, float]:
         """Each kept model's p50 as a ratio to the float model's, timed side by side."""
         state = self.state
-        timing = Timing(threads=state.config.latency_threads, provider=state.config.provider)
+        timing = Timing.for_config(state.config)
         return latency_ratios(state.source or state.float_model, self.models, self.feeds[0],
                               timing).ratios
 

@@ -161,7 +161,7 @@ class _Candidates:
                                       emit_options(self.state.config)))
 
     def _timing(self) -> Timing:
-        return Timing(threads=self.state.config.latency_threads, provider=self.state.config.provider)
+        return Timing.for_config(self.state.config)
 
     def latency_table(self, free: list[str]) -> LatencyTable:
         """Each free layer's ms at each candidate bit-width, from ORT's profile of the model with

@@ -83,7 +83,7 @@ class MeasureLatency:
         if state.quantized is None:  # nothing emitted (a run of the earlier stages only)
             return
         config = state.config
-        timing = Timing(threads=config.latency_threads, provider=config.provider)
+        timing = Timing.for_config(config)
         feed = state.fidelity_feeds.feed(0)
         measured = latency_ratios(state.source or state.float_model, {"quantized": state.quantized},
                                   feed, timing)
