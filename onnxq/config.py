@@ -409,8 +409,9 @@ class QuantConfig:
             `--group-size N`); 0 keeps them per channel. 8-bit weights stay per channel (ORT's
             integer QLinearConv / QGemm / MatMulInteger kernels take per-channel scales only)
             unless the granularity is PerGroup. Default `DEFAULT_GROUP_SIZE`.
-        weight_bits: bits of every quantized weight: 8, 4, 3 or 2 (below 8, codes are stored
-            as int4 at opset 21).
+        weight_bits: bits of every quantized weight: 8, 4, 3 or 2 (3-4 bit codes are stored
+            as int4 at opset 21, 2-bit codes as int2 at opset 25, or in MatMulNBits with
+            bits=4 / bits=2; onnxq.passes.insert_qdq).
         reduce_range: 8-bit weights keep to 7-bit codes ([-64, 63] in int8), so that ONNX
             Runtime's x86 integer kernels without VNNI (AVX2: u8 x s8 pairs summed in int16)
             cannot saturate (onnxq.cpu). None (default): on when the CPU quantizing the model
@@ -470,9 +471,9 @@ class QuantConfig:
             over output energy), "kl" (softmax KL divergence over the last axis) or "infonce"
             (contrastive loss of quantized against float outputs across feeds).
         matmul_nbits: write MatMul weights of 2 to 4 bits as com.microsoft MatMulNBits
-            (ORT's 4-bit kernel) rather than DequantizeLinear -> MatMul, which ORT runs as a
-            float MatMul after dequantizing the weight on every run (MiniLM W4: 2.3x faster
-            at sequence 128, and as accurate).
+            (ORT's block kernel: bits=4, or bits=2 for 2-bit codes) rather than
+            DequantizeLinear -> MatMul, which ORT runs as a float MatMul after dequantizing
+            the weight on every run (MiniLM W4: 2.3x faster at sequence 128, and as accurate).
         conv_storage: how Conv weights below 8 bits are written: "compact" (default: int4
             codes, group-wise scales; the smallest file, but ORT 1.32 has no integer kernel
             for them, so each runs as a float Conv behind a DequantizeLinear of its weight on

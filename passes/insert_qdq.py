@@ -6,40 +6,58 @@ For every activation tensor t of a quantized group (one scale/zero point per gro
 
 For every quantized weight W of node n (codes and scales given, never re-rounded here):
 
-    W (float initializer) -> n        becomes        W_q (int8, or int4 below 5 bits) -> DQ(axis) -> n
+    W (float initializer) -> n        becomes        W_q (int8; int4 at 3-4 bits, int2 at 2) -> DQ(axis) -> n
 
 and a bias b becomes an int32 initializer with scale s_x * s_w and zero point 0 behind a DQ.
 ORT then fuses DQ -> Conv -> Q into QLinearConv, DQ -> MatMul into MatMulIntegerToFloat, and
 drops Q/DQ pairs around chain ops whose input and output share parameters. A tensor that is a
 graph output keeps feeding the output in float.
 
-Code storage (`weight_storage`): 5-8 bit codes as int8 / uint8; 2-4 bit codes as int4 / uint4
-(two codes per byte, opset 21; 2- and 3-bit codes keep their clipped ranges [-2, 1] / [-4, 3]
-in the int4 container). Packed int2 (four per byte, opset 25) is opt-in (`EmitOptions.int2`)
-and off by default: ONNX Runtime 1.31 runs DequantizeLinear on int2 by itself, but its QDQ
-fusions take int2 for int8 (DQ(int2) -> Conv -> Q becomes a QLinearConv, likewise QGemm and
-QLinearMatMul, which then fail to load), and its DQ(int2) -> MatMul -> MatMulNBits fusion
-reads a (K, N) weight wrongly when N is not a multiple of 4 (those stay int4 even when
-opted in).
+Code storage (`weight_storage`): 5-8 bit codes as int8 / uint8; 3-4 bit codes as int4 / uint4
+(two codes per byte, opset 21; 3-bit codes keep their clipped range [-4, 3] in the int4
+container); 2-bit codes as int2 / uint2 (four per byte, opset 25), except MatMul weights (see
+below), behind a Reshape to the weight's own shape:
+
+    W_q (int2) -> DQ(axis) -> Reshape(shape of W) -> Conv / Gemm / ...
+
+The Reshape changes nothing but keeps ORT's QDQ fusions off the int2 DequantizeLinear, which
+they take for int8 and make into kernels that do not load. Measured on ORT 1.32 CPU with all
+graph optimizations (`EmitOptions.int2`): DQ(int2) straight into Conv, Gemm or MatMul between
+activation Q/DQ pairs fails at session creation ("Type 'tensor(int2)' of input parameter (w)
+of operator (QLinearConv) in node () is invalid", likewise QGemm and QLinearMatMul); DQ(int2)
+-> MatMul on a float activation fuses into MatMulNBits, which reads a (K, N) weight wrongly
+when N is not a multiple of 4 (relative error 1.6); with the Reshape all of these load, run
+DequantizeLinear and the float op, and equal the unoptimized graph to the bit. A 2-bit Conv
+or Gemm runs the same kernels as in an int4 container (ORT has no integer kernel for either
+below 8 bits), so int2 halves its codes for free. A 2-bit MatMul outside MatMulNBits stays
+int4: the int4 DQ -> MatMul fuses into MatMulIntegerToFloat, an integer kernel that int2
+would lose. Models with int2 codes are written at opset 25.
 
 With `EmitOptions.matmul_nbits`, a 2-4 bit 2-D MatMul weight (K, N) becomes com.microsoft
-MatMulNBits (bits=4, block-wise along K):
+MatMulNBits (bits b = 4 for 3-4 bit codes, b = 2 for 2-bit codes; block-wise along K):
 
     x -> [Q -> DQ] -> MatMul(W)        becomes        x -> [Q -> DQ] -> MatMulNBits(B, scales)
 
-B is (N, K_blocks, block_size / 2) uint8 holding q = code - zero_point + 8 (low nibble first,
-the last block padded with q = 8, i.e. 0), and scales (N * K_blocks) repeat the per-channel
-scale over the K blocks, so W_hat = (q - 8) * s is exactly the searcher's (codes - z) * s.
-No zero_points input: MatMulNBits assumes 8 when it is absent.
+B is (N, K_blocks, block_size * b / 8) uint8 holding q = code - zero_point + 2^(b-1), 8 / b
+codes per byte, the lowest bits first (b = 4: k = 2j in the low nibble of byte j; b = 2: k =
+4j in bits 0-1, 4j + 1 in bits 2-3, ...), the last block padded with q = 2^(b-1), i.e. 0.
+Scales (N * K_blocks) repeat the per-channel scale over the K blocks, so
+W_hat = (q - 2^(b-1)) * s is exactly the searcher's (codes - z) * s. A symmetric weight gets no
+zero_points input: MatMulNBits assumes 2^(b-1) when it is absent. An asymmetric one (a
+per-channel zero point, or one per group) gets zero_points z + 2^(b-1) per block, packed like
+B's codes, each row padded to whole bytes (N * ceil(K_blocks * b / 8) uint8), with its codes
+stored as c + 2^(b-1) (unsigned codes and zero points as they are). ORT 1.32's CPU kernel runs
+bits=2 with and without zero points, for any K (the last block partial), at accuracy_level 0
+(exact) and 4 (int8 activations).
 
 Group-wise weights (`WeightQuant.group_size` g > 0, scales per g weights along the reduction
 axis; onnxq.numerics) keep the same layouts with real per-group scales: a blocked
 DequantizeLinear (opset 21, `axis` = the reduction axis of the grouped view, `block_size` = g;
 a Conv weight (O, I, kh, kw) is stored as (O, I * kh * kw) and reshaped back behind the DQ),
 MatMulNBits with block_size = g and scales (N, ceil(K / g)), GatherBlockQuantized with
-block_size = g. Zero points are written only where the spec is asymmetric (MatMulNBits: z + 8
-packed two per byte). The com.microsoft kernels run only block sizes 16-256, powers of 2
-(NBITS_BLOCK_SIZES); another g falls back to the blocked DequantizeLinear container.
+block_size = g. Zero points are written only where the spec is asymmetric (MatMulNBits:
+z + 2^(b-1) packed 8 / b per byte). The com.microsoft kernels run only block sizes 16-256,
+powers of 2 (NBITS_BLOCK_SIZES); another g falls back to the blocked DequantizeLinear container.
 
 An embedding table T (V, D) read by Gather(axis 0) with per-row scales becomes
 com.microsoft GatherBlockQuantized (`EmitOptions.gather_block_quantized`), which dequantizes
@@ -99,7 +117,8 @@ NBITS_DOMAIN = "com.microsoft"
 class EmitOptions:
     """How the emitter lays out weights; never what their values are.
 
-    matmul_nbits: 2-4 bit 2-D MatMul weights as com.microsoft MatMulNBits (bits=4).
+    matmul_nbits: 2-4 bit 2-D MatMul weights as com.microsoft MatMulNBits (bits=4 for 3-4
+        bit codes, bits=2 for 2-bit codes).
     nbits_accuracy_level: MatMulNBits accuracy_level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
         activations inside the kernel).
     nbits_block_size: block size along K; None picks, per layer, the one of
@@ -107,8 +126,8 @@ class EmitOptions:
         block size changes storage and speed, never the dequantized weight).
     nbits_activation_qdq: keep the activation Q -> DQ in front of a MatMulNBits (when False,
         the kernel reads the float activation).
-    int2: store 2-bit codes as packed int2 (opset 25). Off: ORT 1.31 cannot load the fused
-        integer kernels it makes of them (see the module docstring).
+    int2: store 2-bit codes of DQ containers (not MatMul's) as packed int2 (opset 25) behind
+        a Reshape that keeps ORT's fusions off them; off: int4 (see the module docstring).
     gather_block_quantized: an embedding table (Gather along axis 0, per-row scales) as
         com.microsoft GatherBlockQuantized (bits=4 up to 4 bits, bits=8 above), which
         dequantizes only the gathered rows; a DQ -> Gather dequantizes the whole table on every
@@ -124,7 +143,7 @@ class EmitOptions:
     nbits_accuracy_level: int = 4
     nbits_block_size: int | None = None
     nbits_activation_qdq: bool = False
-    int2: bool = False
+    int2: bool = True
     gather_block_quantized: bool = True
     dynamic_uint8_weights: bool = False
     low_bit_convs_int8: bool = False
@@ -144,13 +163,20 @@ class Storage(enum.Enum):
     INT4 = "int4"
     INT2 = "int2"
     NBITS = "MatMulNBits"  # 4-bit blocks along K
+    NBITS_2 = "MatMulNBits 2-bit"  # 2-bit blocks along K
     GATHER_BLOCKS = "GatherBlockQuantized"  # int4 table, blocks along each row
     GATHER_BLOCKS_8 = "GatherBlockQuantized 8-bit"  # uint8 table, blocks along each row
 
     @property
     def bits(self) -> int:
         """Bits per stored code."""
-        return {Storage.INT8: 8, Storage.INT2: 2, Storage.GATHER_BLOCKS_8: 8}.get(self, 4)
+        return {Storage.INT8: 8, Storage.INT2: 2, Storage.NBITS_2: 2,
+                Storage.GATHER_BLOCKS_8: 8}.get(self, 4)
+
+    @property
+    def matmul_nbits(self) -> bool:
+        """Whether the codes go into a com.microsoft MatMulNBits."""
+        return self in (Storage.NBITS, Storage.NBITS_2)
 
 
 def weight_storage(op_type: str, shape: tuple[int, ...], axis: int | None, grid: IntRange,
@@ -168,10 +194,10 @@ def weight_storage(op_type: str, shape: tuple[int, ...], axis: int | None, grid:
         return Storage.INT8
     if (options.matmul_nbits and op_type == "MatMul" and len(shape) == 2
             and (axis is None or axis % 2 == 1) and kernel_blocks):
-        return Storage.NBITS
+        return Storage.NBITS_2 if grid.bits <= 2 else Storage.NBITS
     if gather_blocks:
         return Storage.GATHER_BLOCKS
-    if grid.bits <= 2 and options.int2 and not (op_type == "MatMul" and shape[-1] % 4):
+    if grid.bits <= 2 and options.int2 and op_type != "MatMul":
         return Storage.INT2
     return Storage.INT4
 
@@ -183,7 +209,7 @@ def storage_dtype(grid: IntRange, storage: Storage | None = None) -> np.dtype:
     storage = storage or (Storage.INT4 if grid.bits <= 4 else Storage.INT8)
     if storage is Storage.INT2:
         return np.dtype(ml_dtypes.int2 if grid.signed else ml_dtypes.uint2)
-    if storage in (Storage.INT4, Storage.NBITS, Storage.GATHER_BLOCKS):
+    if storage in (Storage.INT4, Storage.NBITS, Storage.NBITS_2, Storage.GATHER_BLOCKS):
         return np.dtype(ml_dtypes.int4 if grid.signed else ml_dtypes.uint4)
     return grid.dtype
 
@@ -209,58 +235,110 @@ def gather_block_codes(params: WeightParams, grid: IntRange,
             (zero_point.astype(np.int16) + shift).astype(np.uint8), 128)
 
 
-def nbits_block_size(k: int, options: EmitOptions) -> int:
-    """The configured block size, or the one giving the fewest bytes for K (ties: smaller)."""
+def nbits_block_size(k: int, options: EmitOptions, bits: int = 4) -> int:
+    """The configured block size, or the one giving the fewest bytes for K at `bits` per code
+    (ties: smaller)."""
     if options.nbits_block_size is not None:
         return options.nbits_block_size
-    return min(NBITS_BLOCK_SIZES, key=lambda size: math.ceil(k / size) * (size // 2 + 4))
+    return min(NBITS_BLOCK_SIZES, key=lambda size: math.ceil(k / size) * (size * bits // 8 + 4))
 
 
-def _nbits_shifted(codes: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
-    """c - z + 8 (the kernel's implied zero point is 8), as int16, for (K, N) codes."""
-    return codes.astype(np.int16) - np.asarray(zero_point, np.int16).reshape(1, -1) + 8
+def _nbits_shifted(codes: np.ndarray, zero_point: np.ndarray, bits: int) -> np.ndarray:
+    """c - z + 2^(bits-1) (the kernel's implied zero point), as int16, for (K, N) codes."""
+    return (codes.astype(np.int16) - np.asarray(zero_point, np.int16).reshape(1, -1)
+            + (1 << (bits - 1)))
 
 
-def nbits_fits(codes: np.ndarray, zero_point: np.ndarray) -> bool:
-    """Whether c - z lies in [-8, 7] everywhere, so MatMulNBits needs no zero_points input."""
-    shifted = _nbits_shifted(codes, zero_point)
-    return bool(shifted.min(initial=8) >= 0 and shifted.max(initial=8) <= 15)
+def nbits_fits(codes: np.ndarray, zero_point: np.ndarray, bits: int = 4) -> bool:
+    """Whether c - z lies in [-2^(bits-1), 2^(bits-1) - 1] everywhere, so MatMulNBits needs no
+    zero_points input."""
+    shifted = _nbits_shifted(codes, zero_point, bits)
+    return bool(shifted.min(initial=0) >= 0 and shifted.max(initial=0) < (1 << bits))
 
 
-def pack_nbits(codes: np.ndarray, zero_point: np.ndarray, block_size: int) -> np.ndarray:
-    """(K, N) codes -> MatMulNBits B (N, K_blocks, block_size / 2) uint8 holding q = c - z + 8,
-    low nibble first; the last block is padded with q = 8 (zero)."""
-    k, n = codes.shape
+def pack_low_first(values: np.ndarray, bits: int) -> np.ndarray:
+    """(..., n) values in [0, 2^bits) -> (..., n * bits / 8) uint8, 8 / bits values per byte,
+    the first in the lowest bits (MatMulNBits' layout for B and its zero points)."""
+    per_byte = 8 // bits
+    groups = values.astype(np.uint8).reshape(*values.shape[:-1], -1, per_byte)
+    packed = np.zeros(groups.shape[:-1], np.uint8)
+    for position in range(per_byte):
+        packed |= groups[..., position] << (bits * position)
+    return packed
+
+
+def pack_nbits(codes: np.ndarray, zero_point: np.ndarray, block_size: int,
+               bits: int = 4) -> np.ndarray:
+    """(K, N) codes -> MatMulNBits B (N, K_blocks, block_size * bits / 8) uint8 holding
+    q = c - z + 2^(bits-1), lowest bits first; the last block is padded with q = 2^(bits-1)
+    (zero)."""
+    if not nbits_fits(codes, zero_point, bits):
+        raise ValueError(f"codes minus zero point must lie in [{-(1 << (bits - 1))}, "
+                         f"{(1 << (bits - 1)) - 1}] for MatMulNBits with bits={bits}")
+    return pack_nbits_blocks(_nbits_shifted(codes, zero_point, bits), block_size, bits)
+
+
+def pack_nbits_blocks(q: np.ndarray, block_size: int, bits: int) -> np.ndarray:
+    """(K, N) stored values q in [0, 2^bits) -> B (N, K_blocks, block_size * bits / 8), the
+    last block padded with 2^(bits-1)."""
+    k, n = q.shape
     blocks = math.ceil(k / block_size)
-    shifted = _nbits_shifted(codes, zero_point)
-    if shifted.min(initial=8) < 0 or shifted.max(initial=8) > 15:
-        raise ValueError("codes minus zero point must lie in [-8, 7] for MatMulNBits")
-    q = np.full((n, blocks * block_size), 8, np.uint8)
-    q[:, :k] = shifted.T.astype(np.uint8)
-    q = q.reshape(n, blocks, block_size // 2, 2)
-    return (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8)
+    padded = np.full((n, blocks * block_size), 1 << (bits - 1), np.uint8)
+    padded[:, :k] = q.T.astype(np.uint8)
+    return pack_low_first(padded.reshape(n, blocks, block_size), bits)
 
 
-def pack_nibble_rows(values: np.ndarray) -> np.ndarray:
-    """(rows, n) values in [0, 15] -> rows * ceil(n / 2) uint8, low nibble first, each row
-    padded to whole bytes (MatMulNBits' zero_points layout)."""
+def nbits_layout(spec: WeightQuant, params: WeightParams, block_size: int,
+                 bits: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """MatMulNBits' stored values q (K, N) and zero points (N, K_blocks) of a (K, N) weight,
+    or None where they do not fit in `bits`. Symmetric: q = c - z + 2^(bits-1) and no zero
+    points (the kernel's implied 2^(bits-1)); asymmetric: q = c + o and zero points z + o, with
+    o = 2^(bits-1) for signed codes and 0 for unsigned ones. Zero points are per channel, or
+    per group (`spec.group_size`, then one block per group)."""
+    k, n = params.codes.shape
+    blocks = math.ceil(k / block_size)
+    zero_point = np.asarray(params.zero_point, np.int16)
+    if not spec.group_size:
+        zero_point = np.broadcast_to(zero_point.reshape(1, -1), (blocks, n))
+    middle = 1 << (bits - 1)
+    codes = params.codes.astype(np.int16)
+    if spec.symmetric:
+        q, zero_points = codes - np.repeat(zero_point, block_size, axis=0)[:k] + middle, None
+    else:
+        offset = middle if spec.grid.signed else 0
+        q, zero_points = codes + offset, np.ascontiguousarray(zero_point.T) + offset
+    stored = [q] if zero_points is None else [q, zero_points]
+    if any(a.min(initial=0) < 0 or a.max(initial=0) >= 1 << bits for a in stored):
+        return None
+    return q, zero_points
+
+
+def pack_zero_point_rows(values: np.ndarray, bits: int = 4) -> np.ndarray:
+    """(rows, n) values in [0, 2^bits) -> rows * ceil(n * bits / 8) uint8, lowest bits first,
+    each row padded to whole bytes (MatMulNBits' zero_points layout)."""
     rows, n = values.shape
-    padded = np.zeros((rows, n + n % 2), np.uint8)
+    per_byte = 8 // bits
+    padded = np.zeros((rows, math.ceil(n / per_byte) * per_byte), np.uint8)
     padded[:, :n] = values
-    pairs = padded.reshape(rows, -1, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8).reshape(-1)
+    return pack_low_first(padded, bits).reshape(-1)
 
 
 def spec_storage(node: ir.Node, spec: WeightQuant, params: WeightParams,
                  options: EmitOptions) -> Storage:
-    """`weight_storage` for one planned weight; MatMulNBits only where its implied zero point
-    (8) can express the codes (c - z in [-8, 7]), else the DQ containers."""
+    """`weight_storage` for one planned weight; MatMulNBits only where its codes and zero
+    points fit the kernel's bits (`nbits_layout`), else the DQ containers; int2 only where the
+    zero points lie on the 2-bit grid (the codes always do), else int4."""
     shape, group = params.codes.shape, spec.group_size
     storage = weight_storage(node.op_type, shape, spec.axis, spec.grid, options, group)
-    if storage is Storage.NBITS and (spec.input_index != 1 or not (
-            group or nbits_fits(params.codes, params.zero_point))):  # groups write zero points
-        storage = weight_storage(node.op_type, shape, spec.axis, spec.grid,
-                                 dataclasses.replace(options, matmul_nbits=False), group)
+    if storage.matmul_nbits and (spec.input_index != 1 or nbits_layout(
+            spec, params, group or nbits_block_size(shape[0], options, storage.bits),
+            storage.bits) is None):
+        options = dataclasses.replace(options, matmul_nbits=False)
+        storage = weight_storage(node.op_type, shape, spec.axis, spec.grid, options, group)
+    zero_point = np.asarray(params.zero_point)
+    if storage is Storage.INT2 and (zero_point.min(initial=spec.grid.qmin) < spec.grid.qmin
+                                    or zero_point.max(initial=spec.grid.qmax) > spec.grid.qmax):
+        storage = Storage.INT4
     return storage
 
 
@@ -332,8 +410,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             stem = _unique_stem(graph, spec.tensor)
             weight_scales[spec.node] = params.channel_scales()
             storage = spec_storage(node, spec, params, self.options)
-            if storage is Storage.NBITS:
-                nodes[spec.node] = self._matmul_nbits(model, node, spec, params, stem)
+            if storage.matmul_nbits:
+                nodes[spec.node] = self._matmul_nbits(model, node, spec, params, storage, stem)
                 continue
             if storage in (Storage.GATHER_BLOCKS, Storage.GATHER_BLOCKS_8):
                 nodes[spec.node] = self._gather_blocks(model, node, spec, params, stem, storage)
@@ -348,6 +426,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             zero_point = _initializer(graph, f"{stem}_zp", params.zero_point.astype(dtype))
             dequantized = self._dequantize(graph, node, [codes, scale, zero_point], spec.axis,
                                            f"{stem}_dq")
+            if storage is Storage.INT2:  # keeps ORT's QDQ fusions off the int2 codes
+                dequantized = self._reshape(graph, node, dequantized, params.codes.shape, stem)
             node.replace_input_with(spec.input_index, dequantized)
         for spec in self.plan.biases:
             node = nodes[spec.node]
@@ -373,7 +453,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def _grouped_dequantize(self, graph: ir.Graph, node: ir.Node, spec: WeightQuant,
                             params: WeightParams, storage: Storage, stem: str) -> ir.Value:
         """DQ(axis = block_axis, block_size = g) of the codes in their grouped view (zero
-        points only where asymmetric), reshaped back to the weight's shape for a Conv."""
+        points only where asymmetric), reshaped back to the weight's shape for a Conv, and
+        for int2 codes (which the Reshape keeps away from ORT's QDQ fusions)."""
         dtype = storage_dtype(spec.grid, storage)
         view = numerics.grouped_shape(params.codes.shape)
         inputs = [_initializer(graph, f"{stem}_q", params.codes.reshape(view).astype(dtype)),
@@ -384,25 +465,33 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dequantize = ir.Node("", "DequantizeLinear", inputs, attributes,
                              outputs=[ir.Value(name=f"{stem}_dq")], name=f"{stem}_dq")
         graph.insert_before(node, dequantize)
-        if tuple(view) == tuple(params.codes.shape):
+        if tuple(view) == tuple(params.codes.shape) and storage is not Storage.INT2:
             return dequantize.outputs[0]
-        shape = _initializer(graph, f"{stem}_shape", np.asarray(params.codes.shape, np.int64))
-        reshape = ir.Node("", "Reshape", [dequantize.outputs[0], shape],
-                          outputs=[ir.Value(name=f"{stem}_dq_4d")], name=f"{stem}_dq_4d")
+        return self._reshape(graph, node, dequantize.outputs[0], params.codes.shape, stem)
+
+    @staticmethod
+    def _reshape(graph: ir.Graph, node: ir.Node, value: ir.Value, shape: tuple[int, ...],
+                 stem: str) -> ir.Value:
+        """`value` reshaped to `shape` by a Reshape inserted before `node`."""
+        target = _initializer(graph, f"{stem}_shape", np.asarray(shape, np.int64))
+        name = f"{stem}_dq_{len(shape)}d"
+        reshape = ir.Node("", "Reshape", [value, target], outputs=[ir.Value(name=name)], name=name)
         graph.insert_before(node, reshape)
         return reshape.outputs[0]
 
     def _matmul_nbits(self, model: ir.Model, node: ir.Node, spec: WeightQuant,
-                      params: WeightParams, stem: str) -> ir.Node:
-        """Replace MatMul(x, W) by MatMulNBits(x, B, scales) holding W's codes and scales."""
+                      params: WeightParams, storage: Storage, stem: str) -> ir.Node:
+        """Replace MatMul(x, W) by MatMulNBits(x, B, scales[, zero points]) holding W's codes
+        and scales at the storage's bits."""
         graph = model.graph
         k, n = params.codes.shape
-        inputs = self._nbits_inputs(graph, spec, params, stem)
+        block = spec.group_size or nbits_block_size(k, self.options, storage.bits)
+        inputs = self._nbits_inputs(graph, spec, params, block, storage.bits, stem)
         activation = node.inputs[0]
         if not self.options.nbits_activation_qdq:
             activation = before_qdq(activation)
-        attributes = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
-                      ir.AttrInt64("block_size", spec.group_size or nbits_block_size(k, self.options)),
+        attributes = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", storage.bits),
+                      ir.AttrInt64("block_size", block),
                       ir.AttrInt64("accuracy_level", self.options.nbits_accuracy_level)]
         replacement = ir.Node(NBITS_DOMAIN, "MatMulNBits", [activation, *inputs],
                               attributes, num_outputs=1, name=node.name)
@@ -411,25 +500,23 @@ class InsertQDQPass(ir.passes.InPlacePass):
                                                 node.outputs, replacement.outputs)
         return replacement
 
-    def _nbits_inputs(self, graph: ir.Graph, spec: WeightQuant, params: WeightParams,
-                      stem: str) -> list[ir.Value]:
-        """MatMulNBits' B and scales (N * blocks); per channel, the scale repeated per block
-        and no zero points (implied 8); group-wise, each group a block, and zero points
-        (z + 8, packed two per byte, each row padded to whole bytes) where asymmetric."""
+    @staticmethod
+    def _nbits_inputs(graph: ir.Graph, spec: WeightQuant, params: WeightParams, block: int,
+                      bits: int, stem: str) -> list[ir.Value]:
+        """MatMulNBits' B, scales (N * blocks) and, where asymmetric, zero points
+        (`nbits_layout`); per channel, the scale repeated per block; group-wise, each group a
+        block."""
         k, n = params.codes.shape
-        if not spec.group_size:
-            block = nbits_block_size(k, self.options)
-            zero_point = np.broadcast_to(np.asarray(params.zero_point).reshape(-1), (n,))
+        q, zero_points = nbits_layout(spec, params, block, bits)
+        if spec.group_size:
+            scales = np.ascontiguousarray(params.scale.T, np.float32).reshape(-1)  # (N, blocks)
+        else:
             scale = np.broadcast_to(np.asarray(params.scale, np.float32).reshape(-1), (n,))
-            return [_initializer(graph, f"{stem}_q", pack_nbits(params.codes, zero_point, block)),
-                    _initializer(graph, f"{stem}_s",
-                                 np.repeat(scale, math.ceil(k / block)).astype(np.float32))]
-        zero_point = np.asarray(params.zero_point, np.int16)  # (blocks, N)
-        packed = pack_nbits(params.codes, np.zeros(n, np.int16), spec.group_size)  # q = c + 8
-        scales = np.ascontiguousarray(params.scale.T, np.float32).reshape(-1)  # (N, blocks)
-        inputs = [_initializer(graph, f"{stem}_q", packed), _initializer(graph, f"{stem}_s", scales)]
-        if not spec.symmetric:
-            inputs.append(_initializer(graph, f"{stem}_zp", pack_nibble_rows(zero_point.T + 8)))
+            scales = np.repeat(scale, math.ceil(k / block)).astype(np.float32)
+        inputs = [_initializer(graph, f"{stem}_q", pack_nbits_blocks(q, block, bits)),
+                  _initializer(graph, f"{stem}_s", scales)]
+        if zero_points is not None:
+            inputs.append(_initializer(graph, f"{stem}_zp", pack_zero_point_rows(zero_points, bits)))
         return inputs
 
     def _gather_blocks(self, model: ir.Model, node: ir.Node, spec: WeightQuant,

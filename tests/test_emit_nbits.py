@@ -242,3 +242,114 @@ def test_gather_block_quantized_equals_dequantize_gather(rows, row, bits, signed
         want[0], qparams.weights[spec].dequantized(0)[ids[0]["ids"][0]])
     measured = layer_bytes(blocks, plan)["embed"]
     assert measured == predicted_layer_bytes(prepared, plan)["embed"]
+
+
+def _two_bit_params(k: int, n: int, group: int, asymmetric: bool,
+                    seed: int) -> tuple[WeightQuant, WeightParams]:
+    """Random 2-bit codes, scales and (where asymmetric) zero points of a (K, N) MatMul weight,
+    per channel (group 0) or per group of `group` along K."""
+    rng = np.random.default_rng(seed)
+    grid = IntRange(2, signed=True)
+    spec = WeightQuant("w", "mm", 1, 1, grid, block_axis=0, low_bit_group_size=group,
+                       int8_group_size=group, asymmetric=asymmetric)
+    scale_shape = (-(-k // group), n) if group else (n,)
+    zero_point = (rng.integers(grid.qmin, grid.qmax + 1, scale_shape) if asymmetric
+                  else np.zeros(scale_shape, np.int64)).astype(np.int8)
+    codes = rng.integers(grid.qmin, grid.qmax + 1, (k, n)).astype(np.int8)
+    scale = rng.uniform(0.05, 0.5, scale_shape).astype(np.float32)
+    return spec, WeightParams(scale, zero_point, codes, group, 0 if group else None)
+
+
+@pytest.mark.parametrize(("k", "n", "group", "asymmetric"),
+                         [(64, 8, 0, False), (37, 5, 0, False), (37, 5, 0, True),
+                          (100, 6, 16, False), (100, 6, 32, True), (129, 3, 64, True)])
+def test_matmul_nbits_2bit_against_numpy(k, n, group, asymmetric):
+    """2-bit weights as MatMulNBits bits=2 (four codes per byte, zero points four per byte
+    where asymmetric): ORT with all optimizations computes x @ ((c - z) * s) for odd K, a
+    partial last block, per channel and per group; the bytes written are the predicted ones."""
+    model, _ = _matmul_model(k, n, seed=k)
+    spec, params = _two_bit_params(k, n, group, asymmetric, seed=k + n)
+    plan = QuantPlan(weights=[spec])
+    qparams = QParams(weights={spec: params})
+    prepared = model_io.to_ir(model)
+    options = EmitOptions(matmul_nbits=True, nbits_accuracy_level=0)
+    emitted = emit(prepared, plan, qparams, options)
+    exact = model_io.to_proto(emitted)
+    (node,) = exact.graph.node
+    attributes = {a.name: a.i for a in node.attribute}
+    assert node.op_type == "MatMulNBits" and attributes["bits"] == 2
+    block = attributes["block_size"]
+    assert block == (group or block)
+    packed = {t.name: t for t in exact.graph.initializer}
+    blocks = -(-k // block)
+    assert tuple(packed[node.input[1]].dims) == (n, blocks, block // 4)
+    assert len(node.input) == (4 if asymmetric else 3)
+    if asymmetric:  # N rows of ceil(blocks / 4) bytes
+        assert tuple(packed[node.input[3]].dims) == (n * -(-blocks // 4),)
+    feeds = [{"x": np.random.default_rng(i).normal(0, 1, (2, 5, k)).astype(np.float32)}
+             for i in range(2)]
+    fast = model_io.to_proto(emit(prepared, plan, qparams,
+                                  EmitOptions(matmul_nbits=True, nbits_accuracy_level=4)))
+    for feed, ours, approx in zip(feeds, _run(exact, feeds), _run(fast, feeds), strict=True):
+        want = feed["x"].astype(np.float64) @ params.dequantized(1)
+        np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
+        assert np.abs(approx - want).max() <= 0.02 * np.abs(want).max()
+    measured = layer_bytes(emitted, plan)["mm"]
+    assert measured == predicted_layer_bytes(prepared, plan, options)["mm"]
+    assert measured == n * blocks * (block // 4 + 4) + (n * -(-blocks // 4) if asymmetric else 0)
+
+
+@pytest.mark.parametrize("group", [0, 16])
+def test_two_bit_cnn_int2_containers(group):
+    """2-bit Conv and Gemm codes as int2 (opset 25) behind a Reshape: ORT with all
+    optimizations loads the model (the int2 DQ straight into the layer would be fused into a
+    QLinearConv / QGemm that does not load) and computes what the unoptimized graph does; each
+    layer is smaller than in int4 by what the prediction says, and written as predicted."""
+    config = QuantConfig(weight_bits=2, holdout=2, weight_group_size=group)
+    feeds = graphs.small_cnn_feeds(10)
+    model = graphs.small_cnn()
+    result = onnxq.quantize(model, feeds, config)
+    written = result.model
+    assert next(o.version for o in written.opset_import if o.domain == "") >= 25
+    codes = {t.name: t.data_type for t in written.graph.initializer
+             if t.name.endswith("_q") and t.data_type != TensorProto.INT32}
+    assert len(codes) == 3 and set(codes.values()) == {TensorProto.INT2}
+    reshaped = {node.input[0] for node in written.graph.node if node.op_type == "Reshape"}
+    assert len(reshaped) == 3  # every weight DQ feeds its layer through a Reshape
+    for a, b in zip(_run(written, feeds[:3], NONE), _run(written, feeds[:3], ALL), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    prepared = prepare(model_io.to_ir(model), INT4_MIN_OPSET)
+    options = emit_options(config)
+    measured = layer_bytes(written, result.plan)
+    predicted = predicted_layer_bytes(prepared, result.plan, options)
+    assert {name: measured[name] for name in predicted} == predicted
+    int4 = EmitOptions(int2=False)
+    as_int4 = layer_bytes(emit(prepared, result.plan, result.qparams, int4), result.plan)
+    assert {name: as_int4[name] for name in predicted} == predicted_layer_bytes(
+        prepared, result.plan, int4)
+    int4_codes = {"conv1": 108, "conv2": 288, "fc": 40}  # 216, 576 and 80 codes
+    for spec in result.plan.weights:  # half the codes, less the Reshape's shape (8 per dim)
+        rank = 2 if spec.node == "fc" else 4
+        assert as_int4[spec.node] - measured[spec.node] >= int4_codes[spec.node] // 2 - 8 * rank
+
+
+def test_two_bit_attention_matmul_nbits():
+    """2-bit MatMul weights in a quantized graph: MatMulNBits with bits=2, written as predicted,
+    half the code bytes of the same weights at 4 bits."""
+    sizes = {}
+    for bits in (4, 2):
+        config = QuantConfig(weight_bits=bits, smooth=False, holdout=2, weight_group_size=16)
+        result, prepared = _attention_plan(config)
+        options = emit_options(config)
+        emitted = model_io.to_proto(emit(prepared, result.plan, result.qparams, options))
+        nodes = [node for node in emitted.graph.node if node.op_type == "MatMulNBits"]
+        assert [next(a.i for a in node.attribute if a.name == "bits") for node in nodes] == [bits] * 2
+        measured = layer_bytes(emitted, result.plan)
+        assert {name: measured[name] for name in ("q_proj", "k_proj")} == predicted_layer_bytes(
+            prepared, result.plan, options)
+        sizes[bits] = measured["q_proj"]
+        feeds = _attention_feeds(2)
+        for a, b in zip(_run(emitted, feeds, NONE), _run(emitted, feeds, ALL, "0"), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # 16 x 16, one block of 16 per column: 16 * (8 + 4) at 4 bits, 16 * (4 + 4) at 2
+    assert (sizes[4], sizes[2]) == (16 * 12, 16 * 8)

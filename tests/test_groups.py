@@ -68,7 +68,8 @@ def _reference_dequantized(params: WeightParams, spec: WeightQuant) -> np.ndarra
 
 def _asymmetric(params: WeightParams, spec: WeightQuant, rng) -> WeightParams:
     """The same scales with random zero points and codes re-rounded around them."""
-    zero = rng.integers(-2, 3, params.scale.shape).astype(spec.grid.dtype)
+    zero = rng.integers(max(-2, spec.grid.qmin), min(2, spec.grid.qmax) + 1,
+                        params.scale.shape).astype(spec.grid.dtype)
     weight = params.dequantized(spec.axis) + 0.3 * params.dequantized(spec.axis).std()
     codes = onnxq.numerics.quantize_groups(weight, params.scale, zero, spec.grid, spec.block_axis,
                                            spec.group_size)
@@ -107,7 +108,8 @@ def _reference_output(model: onnx.ModelProto, weight: np.ndarray, feed) -> np.nd
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize(("bits", "group", "asymmetric"),
-                         [(4, 16, False), (4, 24, False), (3, 16, True), (8, 16, False)])
+                         [(4, 16, False), (4, 24, False), (3, 16, True), (8, 16, False),
+                          (2, 16, False), (2, 16, True), (2, 24, True)])
 def test_grouped_round_trip_through_ort(name, bits, group, asymmetric):
     model, weight, spec, feed = _case(name, bits, group)
     if asymmetric:
@@ -131,6 +133,9 @@ def test_grouped_round_trip_through_ort(name, bits, group, asymmetric):
             assert kernel in ops, ops
         else:
             assert "DequantizeLinear" in ops
+        if bits == 2 and kernel is None:  # Conv / Gemm: int2 codes, reshaped behind the DQ
+            codes = next(t for t in emitted.graph.initializer if t.name == "w_q")
+            assert codes.data_type == TensorProto.INT2 and "Reshape" in ops
         for optimize in (False, True):
             np.testing.assert_allclose(_run(emitted, feed, optimize), reference, rtol=1e-4, atol=1e-4)
 
@@ -192,18 +197,24 @@ def _mlp(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
-@pytest.mark.parametrize(("group", "method", "nbits"), [(16, WeightMethod.RTN, True),
-                                                        (24, WeightMethod.COMQ, True),
-                                                        (16, WeightMethod.COMQ, True),
-                                                        (16, WeightMethod.COMQ, False)])
-def test_predicted_bytes_equal_written_bytes(group, method, nbits):
-    """Every layout: blocked DQ (int4, Conv reshaped), MatMulNBits with and without zero
-    points, the DQ fallback of a group size MatMulNBits does not run (24)."""
+@pytest.mark.parametrize(("group", "method", "nbits", "bits"), [(16, WeightMethod.RTN, True, 4),
+                                                                (24, WeightMethod.COMQ, True, 4),
+                                                                (16, WeightMethod.COMQ, True, 4),
+                                                                (16, WeightMethod.COMQ, False, 4),
+                                                                (16, WeightMethod.RTN, True, 2),
+                                                                (16, WeightMethod.COMQ, True, 2),
+                                                                (24, WeightMethod.COMQ, True, 2),
+                                                                (0, WeightMethod.COMQ, True, 2),
+                                                                (0, WeightMethod.COMQ, True, 3)])
+def test_predicted_bytes_equal_written_bytes(group, method, nbits, bits):
+    """Every layout: blocked DQ (int4, Conv reshaped; int2 behind a Reshape at 2 bits),
+    MatMulNBits (bits=4, bits=2) with and without zero points, per group and per channel (0),
+    the DQ fallback of a group size MatMulNBits does not run (24)."""
     mlp_feeds = [{"x": np.random.default_rng(i).normal(0, 1, (1, 5, 45)).astype(np.float32)}
                  for i in range(12)]
     for model, model_feeds in ((graphs.small_cnn(), graphs.small_cnn_feeds(10)), (_mlp(), mlp_feeds)):
         result, prepared, config = _quantized(
-            model, model_feeds, weight_bits=4, weight_group_size=group, weight_method=method,
+            model, model_feeds, weight_bits=bits, weight_group_size=group, weight_method=method,
             matmul_nbits=nbits, smooth=False, comq=ComqConfig(asymmetric_ops=("Conv", "Gemm", "MatMul")))
         options = emit_options(config)
         emitted = emit(prepared, result.plan, result.qparams, options)
@@ -213,9 +224,11 @@ def test_predicted_bytes_equal_written_bytes(group, method, nbits):
         assert sum(measured.values()) == sum(tensor_bytes(v) for v in emitted.graph.initializers.values())
         assert layer_bytes(result.model, result.plan) == measured  # as written
         nbits_nodes = [node for node in result.model.graph.node if node.op_type == "MatMulNBits"]
-        assert len(nbits_nodes) == (2 if nbits and group == 16 and model.graph.name == "mlp" else 0)
+        assert len(nbits_nodes) == (2 if nbits and group in (0, 16) and model.graph.name == "mlp" else 0)
         # COMQ's MatMul rows are asymmetric here: MatMulNBits gets zero points
         assert all(len(node.input) == (4 if method is WeightMethod.COMQ else 3) for node in nbits_nodes)
+        assert all(next(a.i for a in node.attribute if a.name == "bits") == (2 if bits == 2 else 4)
+                   for node in nbits_nodes)
 
 
 def test_cnn_card_and_fidelity_per_group():

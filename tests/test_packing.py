@@ -17,6 +17,7 @@ from onnxq.passes.insert_qdq import (
     EmitOptions,
     Storage,
     pack_nbits,
+    pack_zero_point_rows,
     storage_dtype,
     weight_storage,
 )
@@ -64,7 +65,7 @@ def _round_trip(tmp_path, grid: IntRange, storage: Storage, shape: tuple[int, ..
                                              ((5, 7), 0), ((5, 7), 1), ((3, 5, 3), 1)])
 def test_int4_container_round_trip(tmp_path, bits, signed, shape, axis):
     grid = IntRange(bits, signed)
-    storage = weight_storage("Conv", shape, axis, grid, EmitOptions())
+    storage = weight_storage("Conv", shape, axis, grid, EmitOptions(int2=False))
     assert storage is Storage.INT4
     _round_trip(tmp_path, grid, storage, shape, axis, seed=bits * 10 + len(shape))
 
@@ -73,9 +74,10 @@ def test_int4_container_round_trip(tmp_path, bits, signed, shape, axis):
                                              ((3, 5, 3), 0)])
 @pytest.mark.parametrize("signed", [True, False])
 def test_int2_container_round_trip(tmp_path, shape, axis, signed):
-    """Opt-in int2 (opset 25): four codes per byte, read back by ORT's DequantizeLinear."""
+    """int2 (opset 25, the default for 2-bit Conv codes): four codes per byte, read back by
+    ORT's DequantizeLinear."""
     grid = IntRange(2, signed)
-    storage = weight_storage("Conv", shape, axis, grid, EmitOptions(int2=True))
+    storage = weight_storage("Conv", shape, axis, grid, EmitOptions())
     assert storage is Storage.INT2
     _round_trip(tmp_path, grid, storage, shape, axis, seed=len(shape))
 
@@ -83,15 +85,19 @@ def test_int2_container_round_trip(tmp_path, shape, axis, signed):
 def test_storage_choice():
     options = EmitOptions()
     assert weight_storage("Conv", (8, 3, 3, 3), 0, IntRange(8, True), options) is Storage.INT8
-    assert weight_storage("Conv", (8, 3, 3, 3), 0, IntRange(2, True), options) is Storage.INT4
+    assert weight_storage("Conv", (8, 3, 3, 3), 0, IntRange(3, True), options) is Storage.INT4
+    assert weight_storage("Conv", (8, 3, 3, 3), 0, IntRange(2, True), options) is Storage.INT2
+    assert weight_storage("Gemm", (32, 64), 0, IntRange(2, False), options) is Storage.INT2
+    no_int2 = EmitOptions(int2=False)
+    assert weight_storage("Conv", (8, 3, 3, 3), 0, IntRange(2, True), no_int2) is Storage.INT4
     nbits = EmitOptions(matmul_nbits=True)
     assert weight_storage("MatMul", (64, 32), 1, IntRange(3, True), nbits) is Storage.NBITS
+    assert weight_storage("MatMul", (64, 30), 1, IntRange(2, True), nbits) is Storage.NBITS_2
     assert weight_storage("MatMul", (64, 32), 1, IntRange(8, True), nbits) is Storage.INT8
     assert weight_storage("Gemm", (32, 64), 0, IntRange(4, True), nbits) is Storage.INT4
-    # ORT misreads fused DQ(int2) -> MatMul when N % 4 != 0: int4 there even when opted in.
-    int2 = EmitOptions(int2=True)
-    assert weight_storage("MatMul", (64, 30), 1, IntRange(2, True), int2) is Storage.INT4
-    assert weight_storage("MatMul", (64, 32), 1, IntRange(2, True), int2) is Storage.INT2
+    assert Storage.NBITS.bits == 4 and Storage.NBITS_2.bits == 2
+    # a 2-bit MatMul outside MatMulNBits keeps int4, whose DQ -> MatMul is an integer kernel
+    assert weight_storage("MatMul", (64, 32), 1, IntRange(2, True), options) is Storage.INT4
 
 
 @pytest.mark.parametrize(("k", "block"), [(16, 16), (37, 16), (100, 32), (64, 64)])
@@ -106,3 +112,29 @@ def test_pack_nbits_layout(k, block):
     nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks * block)
     np.testing.assert_array_equal(nibbles[:, :k].astype(np.int64) - 8, codes.T)
     assert np.all(nibbles[:, k:] == 8)  # padding dequantizes to zero
+
+
+@pytest.mark.parametrize(("k", "block"), [(16, 16), (37, 16), (100, 32), (129, 64)])
+def test_pack_nbits_2bit_layout(k, block):
+    """bits=2: B[n, b, j] holds codes k = b * block + 4j + i in bits 2i..2i+1, plus 2."""
+    rng = np.random.default_rng(k)
+    n = 3
+    codes = rng.integers(-2, 2, (k, n))
+    packed = pack_nbits(codes, np.zeros(n, np.int64), block, bits=2)
+    blocks = math.ceil(k / block)
+    assert packed.shape == (n, blocks, block // 4) and packed.dtype == np.uint8
+    crumbs = np.stack([(packed >> shift) & 0b11 for shift in (0, 2, 4, 6)], axis=-1)
+    crumbs = crumbs.reshape(n, blocks * block).astype(np.int64)
+    np.testing.assert_array_equal(crumbs[:, :k] - 2, codes.T)
+    assert np.all(crumbs[:, k:] == 2)  # padding dequantizes to zero
+    with pytest.raises(ValueError, match="bits=2"):
+        pack_nbits(codes + 2, np.zeros(n, np.int64), block, bits=2)
+
+
+def test_pack_zero_point_rows():
+    """Zero points: 8 / bits per byte, lowest bits first, each row padded to whole bytes."""
+    values = np.array([[1, 2, 3, 0, 1], [3, 3, 0, 0, 2]], np.uint8)
+    assert list(pack_zero_point_rows(values, bits=2)) == [
+        1 | 2 << 2 | 3 << 4, 1, 3 | 3 << 2, 2]
+    assert list(pack_zero_point_rows(values, bits=4)) == [
+        1 | 2 << 4, 3, 1, 3 | 3 << 4, 0, 2]

@@ -81,7 +81,8 @@ class SizeMB:
         _positive(self, self.megabytes)
 
     def cost(self, layer: LayerFacts, bits: int, context: BudgetContext) -> float:
-        return predict_layer_bytes(layer.geometry, bits, context.layout) + framing_bytes(layer.geometry, bits)
+        return (predict_layer_bytes(layer.geometry, bits, context.layout)
+                + framing_bytes(layer.geometry, bits, context.layout))
 
     def limit(self, context: BudgetContext) -> float:
         return self.megabytes * 1e6
@@ -97,7 +98,8 @@ class SizeRatio:
         _positive(self, self.ratio)
 
     def cost(self, layer: LayerFacts, bits: int, context: BudgetContext) -> float:
-        return predict_layer_bytes(layer.geometry, bits, context.layout) + framing_bytes(layer.geometry, bits)
+        return (predict_layer_bytes(layer.geometry, bits, context.layout)
+                + framing_bytes(layer.geometry, bits, context.layout))
 
     def limit(self, context: BudgetContext) -> float:
         return self.ratio * context.float_bytes

@@ -9,18 +9,22 @@ A quantized layer's bytes are its weight codes, scales and zero points, and its 
 with the bias scales (s_x * s_w, one per weight scale), or for a MatMulNBits layer its packed
 blocks and repeated scales:
 
-    DQ containers:  ceil(E * b / 8) + 4 C + ceil(C * b / 8)  [+ 4 B + 4 C with a bias]
-    MatMulNBits:    N * ceil(K / bs) * (bs / 2 + 4)
+    DQ containers:  ceil(E * b / 8) + 4 C + ceil(C * b / 8)  [+ 8 R for int2's Reshape shape]
+                    [+ 4 B + 4 C with a bias]
+    MatMulNBits:    N * ceil(K / bs) * (bs * b / 8 + 4)  [+ N * ceil(ceil(K / bs) * b / 8)
+                    asymmetric]
     GatherBlockQuantized (V, D) table:  V D b / 8 + 4 V D / bs  [+ V D b / (8 bs) unsigned]
 
     Group-wise (g weights per scale, G = rows * ceil(L / g) groups over the grouped view):
-    DQ containers:  ceil(E * b / 8) + 4 G [+ ceil(G * b / 8) asymmetric] [+ 8 * 4 for a
-                    Conv's Reshape shape] [+ 4 B + 4 C with a bias]
-    MatMulNBits:    G * (g / 2 + 4) [+ N * ceil(ceil(K / g) / 2) asymmetric]
+    DQ containers:  ceil(E * b / 8) + 4 G [+ ceil(G * b / 8) asymmetric] [+ 8 R for a
+                    Conv's or int2's Reshape shape] [+ 4 B + 4 C with a bias]
+    MatMulNBits:    G * (g * b / 8 + 4) [+ N * ceil(ceil(K / g) * b / 8) asymmetric]
     GatherBlockQuantized: as the DQ container (int4), without bias
 
-with E weight elements, C scale channels (1 per tensor), b the container bits (8, 4 or 2;
-GatherBlockQuantized: 4 up to 4 bits, else 8), B bias elements and bs the block size.
+with E weight elements, C scale channels (1 per tensor), R the weight's rank, b the container
+bits (8, 4 or 2; MatMulNBits: 4 for 3-4 bit codes, 2 for 2-bit codes; GatherBlockQuantized: 4
+up to 4 bits, else 8), B bias elements and bs the block size. Zero points of MatMulNBits are
+written only for asymmetric weights; the DQ containers of per-channel weights always have them.
 `predict_layer_bytes` computes this from a `LayerGeometry` (read off the prepared model);
 `layer_bytes` measures the emitted model. The allocator uses the prediction for `max_size_mb`
 budgets; the two agree exactly.
@@ -156,18 +160,19 @@ def layer_geometry(index: ModelIndex, plan: QuantPlan, spec: WeightQuant) -> Lay
 
 def predict_layer_bytes(geometry: LayerGeometry, bits: int,
                         options: EmitOptions | None = None) -> int:
-    """Payload bytes the emitter will write for a layer at `bits` (symmetric codes)."""
+    """Payload bytes the emitter will write for a layer at `bits`."""
     options = options or EmitOptions()
     grid = IntRange(bits, geometry.signed)
     group = geometry.group_size(bits)
     storage = weight_storage(geometry.op_type, geometry.weight_shape, geometry.axis, grid, options,
                              group)
+    asymmetric = geometry.asymmetric and bits < 8
     if group:
-        return _predict_grouped_bytes(geometry, storage, group, geometry.asymmetric and bits < 8)
-    if storage is Storage.NBITS:
+        return _predict_grouped_bytes(geometry, storage, group, asymmetric)
+    if storage.matmul_nbits:
         k, n = geometry.weight_shape
-        block = nbits_block_size(k, options)
-        return n * math.ceil(k / block) * (block // 2 + 4)
+        block = nbits_block_size(k, options, storage.bits)
+        return _nbits_bytes(k, n, block, storage.bits, asymmetric)
     if storage in (Storage.GATHER_BLOCKS, Storage.GATHER_BLOCKS_8):
         rows, row = geometry.weight_shape
         scales = rows * (row // gather_block_size(row))
@@ -176,41 +181,52 @@ def predict_layer_bytes(geometry: LayerGeometry, bits: int,
     channels = geometry.channels
     total = (math.ceil(geometry.elements * storage.bits / 8) + 4 * channels
              + math.ceil(channels * storage.bits / 8))
+    total += 8 * len(geometry.weight_shape) if storage is Storage.INT2 else 0
     if geometry.bias_elements:
         total += 4 * geometry.bias_elements + 4 * channels
     return total
 
 
+def _nbits_bytes(k: int, n: int, block: int, bits: int, asymmetric: bool) -> int:
+    """MatMulNBits of a (K, N) weight: packed blocks and a float32 scale per block, zero points
+    packed 8 / bits per byte (each row padded to whole bytes) where asymmetric."""
+    blocks = math.ceil(k / block)
+    zero_points = n * math.ceil(blocks * bits / 8) if asymmetric else 0
+    return n * blocks * (block * bits // 8 + 4) + zero_points
+
+
 def _predict_grouped_bytes(geometry: LayerGeometry, storage: Storage, group: int,
                            asymmetric: bool) -> int:
     """Group-wise layouts: codes, one float32 scale per group, zero points (container bits)
-    only when asymmetric; a Conv's 4-D shape for the Reshape behind its DQ; the bias."""
+    only when asymmetric; the shape for the Reshape behind the DQ of a Conv or of int2 codes;
+    the bias."""
     rows, length = grouped_shape(geometry.weight_shape)
     view = (rows, length)
     # The reduction axis of the view, as onnxq.passes.op_table.reduction_axis gives it.
     block_axis = {"MatMul": 0, "Gemm": 1 - (geometry.axis or 0)}.get(geometry.op_type, 1)
     groups = group_count(view[block_axis], group) * view[1 - block_axis]
-    if storage is Storage.NBITS:
-        n = view[1]
-        zero_points = n * math.ceil(group_count(view[0], group) / 2) if asymmetric else 0
-        return groups * (group // 2 + 4) + zero_points
+    if storage.matmul_nbits:
+        return _nbits_bytes(view[0], view[1], group, storage.bits, asymmetric)
     total = math.ceil(geometry.elements * storage.bits / 8) + 4 * groups
     total += math.ceil(groups * storage.bits / 8) if asymmetric else 0
-    total += 8 * len(geometry.weight_shape) if len(geometry.weight_shape) > 2 else 0
+    reshaped = len(geometry.weight_shape) > 2 or storage is Storage.INT2
+    total += 8 * len(geometry.weight_shape) if reshaped else 0
     if geometry.bias_elements:
         total += 4 * geometry.bias_elements + 4 * geometry.channels
     return total
 
 
-def framing_bytes(geometry: LayerGeometry, bits: int) -> int:
-    """An upper bound of the protobuf framing a group-wise layout adds to the file beyond the
-    per-channel one (payloads are `predict_layer_bytes`'): the DQ's block_size attribute, and
-    for a Conv the Reshape node and its shape tensor, whose names repeat the weight's name
-    about 7 times. Size budgets add it, so that the written file keeps within them."""
-    if not geometry.group_size(bits):
-        return 0
-    extra = 16
-    if len(geometry.weight_shape) > 2:
+def framing_bytes(geometry: LayerGeometry, bits: int, options: EmitOptions | None = None) -> int:
+    """An upper bound of the protobuf framing a layout adds to the file beyond the per-channel
+    DQ container's (payloads are `predict_layer_bytes`'): a group-wise DQ's block_size
+    attribute, and the Reshape node and its shape tensor behind the DQ of a group-wise Conv or
+    of int2 codes, whose names repeat the weight's name about 7 times. Size budgets add it, so
+    that the written file keeps within them."""
+    group = geometry.group_size(bits)
+    storage = weight_storage(geometry.op_type, geometry.weight_shape, geometry.axis,
+                             IntRange(bits, geometry.signed), options or EmitOptions(), group)
+    extra = 16 if group else 0
+    if (group and len(geometry.weight_shape) > 2) or storage is Storage.INT2:
         extra += 7 * (geometry.name_length + 6) + 48
     return extra
 

@@ -103,7 +103,8 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="How activation ranges are chosen from calibration statistics [default: mse]; "
                    "'comq' searches weight codes and scales with COMQ (activations: mse).")
 @click.option("--weight-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
-              help="Bits of every quantized weight; below 8 stored as int4 (opset 21) [default: 8].")
+              help="Bits of every quantized weight; 3-4 stored as int4 (opset 21), 2 as int2 "
+                   "(opset 25) or 2-bit MatMulNBits [default: 8].")
 @click.option("--reduce-range/--no-reduce-range", default=None,
               help="8-bit weights as 7-bit codes, so that x86 integer kernels without VNNI cannot "
                    "saturate [default: on when this CPU lacks VNNI/AMX].")
@@ -138,7 +139,7 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
                    "[default: compact].")
 @click.option("--no-matmul-nbits", is_flag=True, default=None,
               help="Write 2-4-bit MatMul weights as DequantizeLinear -> MatMul rather than "
-                   "com.microsoft MatMulNBits (ORT's 4-bit kernel, the default).")
+                   "com.microsoft MatMulNBits (ORT's 4-bit / 2-bit kernel, the default).")
 @click.option("--no-gather", is_flag=True, default=None,
               help="Keep embedding tables read by Gather float.")
 @click.option("--percentile", type=float, default=None,
