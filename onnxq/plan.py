@@ -97,6 +97,9 @@ class QuantPlan:
     float_reasons: dict[str, str] = field(default_factory=dict)
     # Layers whose weight bits a `layer_bits` rule fixed: node name -> the rule's text.
     bits_rules: dict[str, str] = field(default_factory=dict)
+    # Layers whose bits a default other than `weight_bits` set (`short_row_bits`): node name ->
+    # why. Not fixed: an allocator re-plans them like any other layer.
+    bits_defaults: dict[str, str] = field(default_factory=dict)
     # Layers that quantize their input per batch at run time (onnxq.passes.dynamic_quantize):
     # node name -> why (the config, a rule, the auto choice). Their inputs join no group.
     dynamic_layers: dict[str, str] = field(default_factory=dict)

@@ -74,7 +74,9 @@ class QuantResult:
         summary = {"mode": self.config.activations.value, "layers": dict(sorted(modes.items()))}
         if self.modes is not None:
             summary["auto"] = {"measure": self.modes.measure, "feeds": self.modes.feeds,
+                               "selection_feeds": self.modes.selection_feeds,
                                "chosen": self.modes.chosen, "damage": self.modes.candidates,
+                               "improved_feeds": self.modes.improved_feeds,
                                "latency_ratio": self.modes.latency, "why": self.modes.why}
         return summary
 

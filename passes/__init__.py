@@ -3,7 +3,8 @@
 `prepare()` is the fixed pipeline every model goes through before it is annotated:
 
     name nodes -> Constant nodes to initializers -> fold BatchNorm -> opset >= 13
-      -> fold constant Pads into Conv / pooling pads -> shape inference -> remove dead nodes
+      -> fold constant Pads into Conv / pooling pads -> fuse written-out HardSwish (opset >= 14
+      then) -> shape inference -> remove dead nodes
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from onnx_ir.passes import common
 
 from onnxq.passes.fold_batchnorm import FoldBatchNormPass
 from onnxq.passes.fold_pad import FoldPadPass
+from onnxq.passes.fuse_hardswish import FuseHardSwishPass
 from onnxq.passes.upgrade_opset import UpgradeOpsetPass
 
 QDQ_MIN_OPSET = 13
@@ -26,6 +28,7 @@ def prepare_pipeline(min_opset: int = QDQ_MIN_OPSET) -> ir.passes.PassManager:
         FoldBatchNormPass(),
         UpgradeOpsetPass(min_opset),
         FoldPadPass(),
+        FuseHardSwishPass(),
         common.RemoveUnusedNodesPass(),
         common.ShapeInferencePass(strict_mode=False),
         common.NameFixPass(),

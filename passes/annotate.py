@@ -219,13 +219,15 @@ class _Walk:
     def _weight_and_bias(self, node: ir.Node, rule, weight: ir.Value, with_bias: bool) -> None:
         plan = self.plan
         axis = None if self.per_tensor else weight_axis(node) % len(weight.const_value.shape)
+        # a dynamic layer's MatMulInteger takes per-channel scales only (with_bias is False there)
+        block_axis = None if axis is None or not with_bias else reduction_axis(
+            node, rule.weight_input, weight.const_value.shape)
         bits = self.config.weight_bits
         if node.name in self.layer_rules:
             bits = self.layer_rules[node.name].bits
             plan.bits_rules[node.name] = f"{self.layer_rules[node.name].pattern}={bits}"
-        # a dynamic layer's MatMulInteger takes per-channel scales only (with_bias is False there)
-        block_axis = None if axis is None or not with_bias else reduction_axis(
-            node, rule.weight_input, weight.const_value.shape)
+        elif (short := self._short_row_bits(weight, block_axis)) is not None:
+            bits, plan.bits_defaults[node.name] = short
         plan.weights.append(WeightQuant(
             weight.name, node.name, rule.weight_input, axis,
             IntRange(bits, True, self._reduce_range(node, weight)), block_axis,
@@ -235,6 +237,22 @@ class _Walk:
         if _is_constant(bias) and len(bias.const_value.shape) == 1:
             plan.biases.append(BiasQuant(bias.name, node.name, rule.bias_input,
                                          node.inputs[0].name, weight.name))
+
+    def _short_row_bits(self, weight: ir.Value, block_axis: int | None) -> tuple[int, str] | None:
+        """`short_row_bits` and why, for a weight planned below them whose rows are no longer
+        than one group (a depthwise Conv's 9 or 25 weights, a 1x1 Conv over 16 channels): one
+        scale per row is all a group could give it, and its bytes are few. Only for the bits
+        `weight_bits` sets: with a budget the allocator measures every layer and decides."""
+        config = self.config
+        bits, group = config.weight_bits, config.group_size_at(config.weight_bits)
+        if (config.allocation_budget is not None or block_axis is None or not group
+                or bits >= config.short_row_bits):
+            return None
+        length = grouped_shape(tuple(weight.const_value.shape))[block_axis]
+        if length > group:
+            return None
+        return config.short_row_bits, (f"short_row_bits: rows of {length} weights, no longer than "
+                                       f"one group ({group})")
 
     def _group_sizes(self, node: ir.Node, weight: ir.Value, block_axis: int | None) -> tuple[int, int]:
         """Group sizes below 8 bits and at 8 bits (0: per channel); per channel too where a

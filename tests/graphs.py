@@ -154,3 +154,32 @@ def swish_cnn(seed: int = 0) -> onnx.ModelProto:
     ]
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 16, 16])], inits)
+
+
+def hardswish_cnn(seed: int = 0, form: str = "clip", opset: int = 12, shared: bool = False) -> onnx.ModelProto:
+    """HardSwish written out between two Convs, as Paddle's exporter writes it:
+
+    x -> Conv a -> c -> Mul(c, Clip(c + 3, 0, 6)) / 6 -> Conv b -> y       (form "clip")
+    x -> Conv a -> c -> Mul(HardSigmoid(c, 1/6, 0.5), c) -> Conv b -> y    (form "hardsigmoid")
+
+    `shared`: the Clip's output is a graph output too (then nothing may fuse).
+    """
+    rng = np.random.default_rng(seed)
+    inits = [_init("wa", rng.normal(0, 0.5, (8, 3, 3, 3))), _init("ba", rng.normal(0, 0.3, 8)),
+             _init("wb", rng.normal(0, 0.2, (6, 8, 1, 1))), _init("bb", rng.normal(0, 0.1, 6)),
+             _init("three", np.array(3.0)), _init("zero", np.array(0.0)), _init("six", np.array(6.0))]
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["c"], name="conv_a", pads=[1, 1, 1, 1])]
+    if form == "clip":
+        nodes += [helper.make_node("Add", ["c", "three"], ["c3"], name="plus3"),
+                  helper.make_node("Clip", ["c3", "zero", "six"], ["gate"], name="clip"),
+                  helper.make_node("Mul", ["c", "gate"], ["cg"], name="times"),
+                  helper.make_node("Div", ["cg", "six"], ["h"], name="sixth")]
+    else:
+        nodes += [helper.make_node("HardSigmoid", ["c"], ["gate"], name="hsig", alpha=1 / 6, beta=0.5),
+                  helper.make_node("Mul", ["gate", "c"], ["h"], name="times")]
+    nodes.append(helper.make_node("Conv", ["h", "wb", "bb"], ["y"], name="conv_b"))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 16, 16])]
+    if shared:
+        outputs.append(helper.make_tensor_value_info("gate", TensorProto.FLOAT, ["N", 8, 16, 16]))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                  outputs, inits, opset=opset)

@@ -21,7 +21,7 @@ from onnxq.config import ActivationMode, QuantConfig, dump_config, load_config
 from onnxq.errors import CalibrationDataError, ConfigError
 from onnxq.report.kernels import optimized_op_counts
 from onnxq.scoring.sessions import SessionSettings, open_session
-from onnxq.stages.activation_modes import choose
+from onnxq.stages.activation_modes import choose, split_feeds
 
 DYNAMIC_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger")
 
@@ -253,8 +253,9 @@ def test_what_needs_data_says_so(changes, needed):
 
 
 def test_auto_chooses_by_measured_damage_and_records_why():
-    """auto measures each layer alone dynamic and the whole candidates; the chosen model is the
-    least damaging on calibration feeds, at least as good as all static and all dynamic."""
+    """auto measures each layer alone dynamic (screening feeds) and the whole candidates
+    (selection feeds, others); the chosen model is the least damaging of those that beat static
+    feed by feed, at least as good as all static and all dynamic on the selection feeds."""
     model = dense_model()
     rng = np.random.default_rng(4)
     # Inputs whose range swings from feed to feed: a static scale fits none of them well.
@@ -262,12 +263,18 @@ def test_auto_chooses_by_measured_damage_and_records_why():
              for _ in range(16)]
     result = onnxq.quantize(model, feeds, QuantConfig(activations=ActivationMode.AUTO, mode_feeds=12))
     report = result.modes
-    assert set(report.alone) == {"fc1", "fc2"} and report.feeds == 12
+    # 12 calibration feeds after the 4 held out: 6 screen the layers, the other 6 select.
+    assert set(report.alone) == {"fc1", "fc2"} and report.feeds == 6 and report.selection_feeds == 6
     assert set(report.latency) == set(report.candidates) and min(report.latency.values()) > 0
     fast_enough = [name for name, ratio in report.latency.items()
                    if ratio <= min(report.latency.values()) + QuantConfig().mode_latency_slack]
-    assert report.chosen in fast_enough
-    assert report.candidates[report.chosen] == min(report.candidates[name] for name in fast_enough)
+    trusted = ["static"] + [name for name, improved in report.improved_feeds.items()
+                            if 2 * improved > report.selection_feeds
+                            and report.candidates[name] < report.candidates["static"]]
+    assert report.chosen in fast_enough and report.chosen in trusted
+    assert report.candidates[report.chosen] == min(report.candidates[name] for name in fast_enough
+                                                   if name in trusted)
+    assert set(report.improved_feeds) == set(report.candidates) - {"static"}
     layers = {layer["layer"]: layer for layer in _card(result)["layers"]}
     for name in ("fc1", "fc2"):
         assert layers[name]["activations"] == ("dynamic" if name in result.plan.dynamic_layers else "static")
@@ -290,6 +297,29 @@ def test_auto_takes_the_least_damaging_of_the_fast_enough(latency, slack, max_la
     assert name == chosen, why
     if max_latency is not None and min(latency.values()) > max_latency:
         assert "no candidate within max_latency" in why
+
+
+def test_auto_takes_only_candidates_that_beat_static_feed_by_feed():
+    """A candidate with the lowest pooled damage that did not beat static on most selection
+    feeds is passed over; static is always trusted."""
+    damage = {"static": 0.030, "dynamic": 0.010, "mixed": 0.020}
+    latency = {"static": 0.70, "dynamic": 0.70, "mixed": 0.70}
+    assert choose(damage, latency, 0.05, None, trusted={"mixed"})[0] == "mixed"
+    name, why = choose(damage, latency, 0.05, None, trusted=set())
+    assert name == "static" and "not better than static on most selection feeds" in why
+    # When static is too slow, an untrusted but fast candidate is still written.
+    slow_static = {"static": 1.30, "dynamic": 0.70, "mixed": 0.70}
+    assert choose(damage, slow_static, 0.05, None, trusted=set())[0] == "dynamic"
+
+
+@pytest.mark.parametrize("available, wanted, screen, select", [
+    (60, 32, range(0, 30), range(30, 60)),
+    (100, 32, range(0, 32), range(32, 64)),
+    (5, 32, range(0, 2), range(2, 4)),
+    (1, 32, range(0, 1), range(0, 1)),
+])
+def test_auto_screens_and_selects_on_different_feeds(available, wanted, screen, select):
+    assert split_feeds(available, wanted) == (screen, select)
 
 
 def test_auto_ties_go_to_static():

@@ -108,7 +108,7 @@ def _attention_plan(config: QuantConfig):
 
 @pytest.mark.parametrize("activation_qdq", [True, False])
 def test_matmul_nbits_in_quantized_graph(activation_qdq):
-    config = QuantConfig(weight_bits=4, layer_bits=("k_proj=8",), smooth=False, holdout=2)
+    config = QuantConfig(short_row_bits=0, weight_bits=4, layer_bits=("k_proj=8",), smooth=False, holdout=2)
     result, prepared = _attention_plan(config)
     options = EmitOptions(matmul_nbits=True, nbits_accuracy_level=0,
                           nbits_activation_qdq=activation_qdq)
@@ -164,7 +164,7 @@ def test_mixed_bits_attention_runs():
 
 @pytest.mark.parametrize("matmul_nbits", [False, True])
 def test_sizes_predicted_equal_measured_attention(matmul_nbits):
-    config = QuantConfig(weight_bits=4, layer_bits=("k_proj=8",), smooth=False, holdout=2,
+    config = QuantConfig(short_row_bits=0, weight_bits=4, layer_bits=("k_proj=8",), smooth=False, holdout=2,
                          matmul_nbits=matmul_nbits)
     result, prepared = _attention_plan(config)
     options = emit_options(config)
@@ -305,7 +305,7 @@ def test_two_bit_cnn_int2_containers(group):
     optimizations loads the model (the int2 DQ straight into the layer would be fused into a
     QLinearConv / QGemm that does not load) and computes what the unoptimized graph does; each
     layer is smaller than in int4 by what the prediction says, and written as predicted."""
-    config = QuantConfig(weight_bits=2, holdout=2, weight_group_size=group)
+    config = QuantConfig(short_row_bits=0, weight_bits=2, holdout=2, weight_group_size=group)
     feeds = graphs.small_cnn_feeds(10)
     model = graphs.small_cnn()
     result = onnxq.quantize(model, feeds, config)
@@ -338,7 +338,8 @@ def test_two_bit_attention_matmul_nbits():
     half the code bytes of the same weights at 4 bits."""
     sizes = {}
     for bits in (4, 2):
-        config = QuantConfig(weight_bits=bits, smooth=False, holdout=2, weight_group_size=16)
+        config = QuantConfig(short_row_bits=0, weight_bits=bits, smooth=False, holdout=2,
+                             weight_group_size=16)
         result, prepared = _attention_plan(config)
         options = emit_options(config)
         emitted = model_io.to_proto(emit(prepared, result.plan, result.qparams, options))

@@ -311,7 +311,8 @@ def test_fast_conv_storage_keeps_codes_per_channel_in_int8_for_qlinearconv():
     from onnxq.report.kernels import optimized_op_counts
 
     feeds = graphs.small_cnn_feeds(12)
-    settings = {"weight_bits": 4, "weight_method": WeightMethod.COMQ, "measure_latency": False}
+    settings = {"weight_bits": 4, "weight_method": WeightMethod.COMQ, "measure_latency": False,
+                "short_row_bits": 0}
     compact, _, _ = _quantized(graphs.small_cnn(), feeds, **settings)
     fast, prepared, config = _quantized(graphs.small_cnn(), feeds, conv_storage="fast", **settings)
     convs = [spec for spec in fast.plan.weights if spec.node.startswith("conv")]
@@ -327,3 +328,31 @@ def test_fast_conv_storage_keeps_codes_per_channel_in_int8_for_qlinearconv():
     predicted = predicted_layer_bytes(prepared, fast.plan, options)
     measured = layer_bytes(fast.model, fast.plan)
     assert {name: measured[name] for name in predicted} == predicted
+
+
+def test_rows_no_longer_than_a_group_keep_short_row_bits():
+    """At weight_bits 4 and group size 64, the small CNN's conv1 (rows of 27) and fc (rows of 8)
+    stay at 8 bits, conv2 (rows of 72) goes to 4; the card says why. short_row_bits = 0 keeps
+    all at 4; with an allocation budget the allocator decides, and no default is applied."""
+    feeds = graphs.small_cnn_feeds(12)
+    result, _, _ = _quantized(graphs.small_cnn(), feeds, weight_bits=4, measure_latency=False)
+    bits = {spec.node: spec.grid.bits for spec in result.plan.weights}
+    assert bits == {"conv1": 8, "conv2": 4, "fc": 8}
+    layers = {layer["layer"]: layer for layer in quantization_card(result)["layers"]}
+    assert layers["conv1"]["bits_from"] == "short_row_bits: rows of 27 weights, no longer than one group (64)"
+    assert layers["conv2"]["bits_from"] == "weight_bits"
+    every, _, _ = _quantized(graphs.small_cnn(), feeds, weight_bits=4, short_row_bits=0,
+                             measure_latency=False)
+    assert {spec.grid.bits for spec in every.plan.weights} == {4}
+    per_channel, _, _ = _quantized(graphs.small_cnn(), feeds, weight_bits=4, weight_group_size=0,
+                                   measure_latency=False)
+    assert {spec.grid.bits for spec in per_channel.plan.weights} == {4}  # no groups, no short rows
+    allocated, _, _ = _quantized(graphs.small_cnn(), feeds, avg_bits=4.0, candidate_bits=(4, 8),
+                                 measure_latency=False)
+    assert not allocated.plan.bits_defaults
+
+
+@pytest.mark.parametrize("value", [1, 5, "8", True])
+def test_bad_short_row_bits_is_one_line(value):
+    with pytest.raises(ConfigError, match=r"^short_row_bits must be 0, 2, 3, 4 or 8, got"):
+        QuantConfig(short_row_bits=value)

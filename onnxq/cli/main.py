@@ -105,6 +105,9 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--weight-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
               help="Bits of every quantized weight; 3-4 stored as int4 (opset 21), 2 as int2 "
                    "(opset 25) or 2-bit MatMulNBits [default: 8].")
+@click.option("--short-row-bits", type=click.Choice(["0", "2", "3", "4", "8"]), default=None,
+              help="Weights below these bits whose rows are no longer than one group (depthwise "
+                   "Convs) get these bits instead; 0: none [default: 8].")
 @click.option("--reduce-range/--no-reduce-range", default=None,
               help="8-bit weights as 7-bit codes, so that x86 integer kernels without VNNI cannot "
                    "saturate [default: on when this CPU lacks VNNI/AMX].")
@@ -194,7 +197,8 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @reports_errors
 def quantize_command(input_path: Path, output_path: Path, calib: Path | None, activations: str | None,
                      method: str | None,
-                     weight_bits: str | None, reduce_range: bool | None, layer_rules: tuple[str, ...],
+                     weight_bits: str | None, short_row_bits: str | None, reduce_range: bool | None,
+                     layer_rules: tuple[str, ...],
                      avg_bits: float | None,
                      max_size: str | None, max_bops: float | None, max_drop: float | None,
                      max_latency: float | None, candidate_bits: str | None, sensitivity: str | None,
@@ -224,7 +228,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
         config_file,
         method=CalibrationMethod(method) if method and method != "comq" else None,
         weight_method=WeightMethod.COMQ if method == "comq" else None,
-        weight_bits=int(weight_bits) if weight_bits else None, reduce_range=reduce_range,
+        weight_bits=int(weight_bits) if weight_bits else None,
+        short_row_bits=None if short_row_bits is None else int(short_row_bits), reduce_range=reduce_range,
         activations=ActivationMode(activations) if activations else None,
         layer_activations=layer_activations, layer_bits=layer_bits, avg_bits=avg_bits,
         **_size_budget(max_size), max_bops=max_bops,

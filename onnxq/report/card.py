@@ -84,7 +84,8 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
             "symmetric": bool((result.qparams.weights[spec].zero_point == 0).all()),
             "method": method if spec.node in result.searched_layers else "rtn",
             "bits_from": (f"rule {result.plan.bits_rules[spec.node]}" if spec.node in result.plan.bits_rules
-                          else "allocation" if chosen is not None else "weight_bits"),
+                          else "allocation" if chosen is not None
+                          else result.plan.bits_defaults.get(spec.node, "weight_bits")),
             "sensitivity": ({str(b): d for b, d in chosen.damage.items()} if chosen and chosen.damage
                             else None),
             "activations": result.plan.activation_mode(spec.node),
@@ -129,7 +130,9 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
     if result.modes is not None:
         modes = result.modes
         card["activation_modes"] = {"measure": modes.measure, "feeds": modes.feeds, "chosen": modes.chosen,
+                                    "selection_feeds": modes.selection_feeds,
                                     "candidates": modes.candidates, "static_damage": modes.static_damage,
+                                    "improved_feeds": modes.improved_feeds,
                                     "alone_dynamic": modes.alone, "latency_ratio": modes.latency,
                                     "latency_threads": result.config.latency_threads, "why": modes.why}
     if result.allocation is not None:
@@ -174,8 +177,10 @@ def card_markdown(card: dict[str, Any]) -> str:
         modes = card["activation_modes"]
         whole = ", ".join(f"{name} {value:.3g} at {modes['latency_ratio'][name]:.2f}x float latency"
                           for name, value in modes["candidates"].items())
-        lines.append(f"- activation modes chosen by measured damage ({modes['measure']} on {modes['feeds']} "
-                     f"calibration feeds) and latency ({modes['latency_threads']} thread(s)): "
+        lines.append(f"- activation modes chosen by measured damage ({modes['measure']}; layers screened on "
+                     f"{modes['feeds']} calibration feeds, whole models on "
+                     f"{modes['selection_feeds']} others) "
+                     f"and latency ({modes['latency_threads']} thread(s)): "
                      f"{modes['chosen']} model, {modes['why']} (whole models: {whole})")
     if "search" in card:
         search = card["search"]
