@@ -156,7 +156,8 @@ def swish_cnn(seed: int = 0) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 16, 16])], inits)
 
 
-def hardswish_cnn(seed: int = 0, form: str = "clip", opset: int = 12, shared: bool = False) -> onnx.ModelProto:
+def hardswish_cnn(seed: int = 0, form: str = "clip", opset: int = 12,
+                  shared: bool = False) -> onnx.ModelProto:
     """HardSwish written out between two Convs, as Paddle's exporter writes it:
 
     x -> Conv a -> c -> Mul(c, Clip(c + 3, 0, 6)) / 6 -> Conv b -> y       (form "clip")

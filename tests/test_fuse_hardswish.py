@@ -29,7 +29,8 @@ def test_written_out_hardswish_fuses_and_keeps_the_outputs(form, opset):
     assert ops.count("HardSwish") == 1 and not {"Clip", "Div", "Mul", "HardSigmoid"} & set(ops), ops
     assert model_io.to_ir(prepared).opset_imports[""] >= 14
     for feed in FEEDS[:3]:
-        np.testing.assert_allclose(_outputs(prepared, feed)[0], _outputs(proto, feed)[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_outputs(prepared, feed)[0], _outputs(proto, feed)[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_hardswish_whose_gate_is_read_elsewhere_stays():
