@@ -45,7 +45,8 @@ def test_profile_names_the_layers_ort_runs_in_float():
     """At 4 bits ORT has no integer Conv kernel: the profile shows both Convs as float Conv
     nodes under their own names (blamed), the Gemm as an integer kernel (not blamed)."""
     result = onnxq.quantize(small_cnn(), small_cnn_feeds(12),
-                            QuantConfig(weight_bits=4, layer_bits=("fc=8",), measure_latency=False))
+                            QuantConfig(weight_bits=4, short_row_bits=0, layer_bits=("fc=8",),
+                                        measure_latency=False))
     feed = small_cnn_feeds(1, seed=9)[0]
     times = node_times_ms(result.model, feed, Timing(runs=3, warmup=1), "w4")
     by_node = {t.node: t for t in times}
