@@ -97,7 +97,9 @@ def test_sensitivity_ranks_bits_and_allocation_beats_random_on_a_cnn():
     random = quantize(small_cnn(), feeds, QuantConfig(avg_bits=3.0, candidate_bits=(2, 4, 8),
                                                       allocator="random", seed=3))
     damage = {layer.layer: layer.damage for layer in measured.allocation.layers}
-    chosen = sum(damage[layer.layer][layer.bits] for layer in measured.allocation.layers)
+    check = measured.allocation.uniform  # the knapsack's choice, before the whole-model check
+    knapsack = check.knapsack_bits if check is not None else measured.allocation.bits
+    chosen = sum(damage[name][bits] for name, bits in knapsack.items())
     randomly = sum(damage[layer.layer][layer.bits] for layer in random.allocation.layers)
     assert chosen <= randomly  # the measured end-to-end comparison is in benchmarks/ (zoo models)
 
@@ -149,3 +151,42 @@ def test_max_drop_gives_the_smallest_model_within_the_drop():
         assert 1 - result.fidelity.worst_cosine <= drop + 1e-6
     assert loose.allocation.used <= tight.allocation.used
     assert tight.allocation.steps[0][0] == 8.0  # the first step measures all layers at 8 bits
+
+
+# --- the uniform check -----------------------------------------------------------------------
+
+
+def test_knapsack_allocation_gives_way_to_a_less_damaging_uniform_one():
+    """Two groups, budget enough for both at 4 bits: the knapsack's (2, 8) is written only when
+    it measures less damaging as a whole model than (4, 4)."""
+    from onnxq.bits.allocation import _against_uniform
+
+    problem = Knapsack((2, 4, 8), damage=np.array([[0.3, 0.1, 0.0], [0.9, 0.2, 0.0]]),
+                       cost=np.array([[2.0, 4.0, 8.0], [2.0, 4.0, 8.0]]))
+    groups = [["a"], ["b"]]
+    allocation = solve(problem, 10.0)
+    assert allocation.bits == (2, 8)
+    whole = {(2, 8): 0.5, (4, 4): 0.4}
+    chosen, check = _against_uniform(problem, allocation, 10.0, groups,
+                                     lambda bits, feeds: whole[(bits["a"], bits["b"])], range(3))
+    assert chosen.bits == (4, 4) and check.uniform_chosen and check.bits == 4 and check.feeds == 3
+    whole[(4, 4)] = 0.6
+    chosen, check = _against_uniform(problem, allocation, 10.0, groups,
+                                     lambda bits, feeds: whole[(bits["a"], bits["b"])], range(3))
+    assert chosen.bits == (2, 8) and not check.uniform_chosen
+
+
+def test_uniform_check_measures_whole_models_and_is_in_the_card():
+    """At 5 mean bits the small CNN's knapsack mixes 4 and 8 bits; the check emits that model and
+    every layer at 4 bits, and writes the one less damaging on calibration feeds."""
+    from onnxq.report.card import quantization_card
+
+    result = quantize(small_cnn(), small_cnn_feeds(30), QuantConfig(avg_bits=5.0, measure_latency=False,
+                                                                    holdout=2))
+    check = result.allocation.uniform
+    assert check is not None and check.bits == 4 and check.feeds == 16
+    assert check.knapsack_damage > 0 and check.uniform_damage > 0
+    written = set(result.allocation.bits.values())
+    assert (written == {4}) == check.uniform_chosen
+    card = quantization_card(result)["allocation"]["uniform_check"]
+    assert card["uniform_chosen"] == check.uniform_chosen and card["bits"] == 4

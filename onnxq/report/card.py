@@ -144,6 +144,11 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
                               "max_drop_steps": [list(step) for step in report.steps]}
         if report.latency_steps:  # max_latency: (predicted, measured) ratio to float per solve
             card["allocation"]["latency_steps"] = [list(step) for step in report.latency_steps]
+        if report.uniform is not None:
+            check = report.uniform
+            card["allocation"]["uniform_check"] = {
+                "bits": check.bits, "feeds": check.feeds, "knapsack_damage": check.knapsack_damage,
+                "uniform_damage": check.uniform_damage, "uniform_chosen": check.uniform_chosen}
     return card
 
 
@@ -173,6 +178,13 @@ def card_markdown(card: dict[str, Any]) -> str:
                      f"{allocation['feeds']} feeds) under {allocation['budget']}: used "
                      f"{allocation['used']:.6g} of {allocation['limit']:.6g}; mean weight bits "
                      f"{allocation['average_bits']:.2f}")
+        if "uniform_check" in allocation:
+            check = allocation["uniform_check"]
+            lines.append(f"- against every layer at {check['bits']} bits (whole models, "
+                         f"{check['feeds']} other calibration feeds): knapsack "
+                         f"{check['knapsack_damage']:.4g}, "
+                         f"uniform {check['uniform_damage']:.4g}: "
+                         f"{'uniform' if check['uniform_chosen'] else 'knapsack'} written")
     if "activation_modes" in card:
         modes = card["activation_modes"]
         whole = ", ".join(f"{name} {value:.3g} at {modes['latency_ratio'][name]:.2f}x float latency"

@@ -26,8 +26,10 @@ from onnxq.emit import emit, emit_options
 from onnxq.errors import ConfigError
 from onnxq.plan import QuantPlan
 from onnxq.qparams import QParams
+from onnxq.scoring.damage import output_damage
 from onnxq.scoring.fidelity import verify
 from onnxq.scoring.latency import Timing, latency_ratios
+from onnxq.scoring.scorer import CheckedSession
 from onnxq.state import Observers, QuantState
 
 
@@ -58,7 +60,8 @@ class Allocation:
         request = AllocationRequest(state.index, state.plan, state.config, state.calibration, layout,
                                     state.float_bytes, quantized_bytes, latency)
         probes = LayerProbes(candidates.values, candidates.probe_base(free),
-                             candidates.fidelity_of if len(state.held_out) else None)
+                             candidates.fidelity_of if len(state.held_out) else None,
+                             None if latency is not None else candidates.damage_of)
         try:
             report = allocate_bits(request, probes, state.stage_progress("sensitivity", len(free)))
         except ConfigError:
@@ -178,6 +181,16 @@ class _Candidates:
         measured = latency_ratios(state.source or state.float_model, {"chosen": self._emitted(bits)},
                                   state.fidelity_feeds.feed(0), self._timing())
         return measured.ratios["chosen"]
+
+    def damage_of(self, bits: dict[str, int], feeds: range) -> float:
+        """The `sensitivity` damage of the model emitted with these bits on calibration feeds."""
+        state = self.state
+        session = CheckedSession(state.scorer.session(self._emitted(bits), "an allocation"), "an allocation")
+        names = state.float_session.output_names
+        chosen = [state.calibration.feed(i) for i in feeds]
+        reference = [state.float_session.run(names, feed) for feed in chosen]
+        outputs = [session.run(names, feed) for feed in chosen]
+        return output_damage(state.config.sensitivity, reference, outputs)
 
     def fidelity_of(self, bits: dict[str, int]) -> float:
         """Worst output cosine on the held-out feeds of the model emitted with these bits."""
