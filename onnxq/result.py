@@ -105,7 +105,12 @@ class QuantResult:
             "allocation": None if self.allocation is None else {
                 "budget": self.allocation.budget, "limit": self.allocation.limit,
                 "used": self.allocation.used, "average_bits": self.allocation.average_bits,
-                "latency_steps": [list(step) for step in self.allocation.latency_steps]},
+                "latency_steps": [list(step) for step in self.allocation.latency_steps],
+                "uniform_check": None if self.allocation.uniform is None else {
+                    "bits": self.allocation.uniform.bits,
+                    "knapsack_damage": self.allocation.uniform.knapsack_damage,
+                    "uniform_damage": self.allocation.uniform.uniform_damage,
+                    "uniform_chosen": self.allocation.uniform.uniform_chosen}},
             "search": None if self.search is None else {
                 "method": "evolq", "loss": self.search.loss, "scope": self.search.scope,
                 "evaluations": self.search.evaluations, "blocks": len(self.search.blocks),

@@ -295,6 +295,11 @@ def _print_summary(summary: dict) -> None:
         allocation = summary["allocation"]
         console.print(f"  allocation under {allocation['budget']}: used {allocation['used']:.6g} "
                       f"of {allocation['limit']:.6g}; mean weight bits {allocation['average_bits']:.2f}")
+        if check := allocation["uniform_check"]:
+            uniform = f"all {check['bits']}-bit"
+            written = uniform if check["uniform_chosen"] else "knapsack's mix"
+            console.print(f"  whole models: knapsack {check['knapsack_damage']:.4g} vs {uniform} "
+                          f"{check['uniform_damage']:.4g} damage on calibration feeds: {written} written")
         for predicted, measured in allocation["latency_steps"]:
             console.print(f"  max_latency: predicted {predicted:.2f}x float, measured {measured:.2f}x")
     if summary["search"]:
