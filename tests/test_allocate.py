@@ -168,11 +168,11 @@ def test_knapsack_allocation_gives_way_to_a_less_damaging_uniform_one():
     assert allocation.bits == (2, 8)
     whole = {(2, 8): 0.5, (4, 4): 0.4}
     chosen, check = _against_uniform(problem, allocation, 10.0, groups,
-                                     lambda bits, feeds: whole[(bits["a"], bits["b"])], range(3))
+                                     lambda bits, feeds: (whole[(bits["a"], bits["b"])], 0), range(3))
     assert chosen.bits == (4, 4) and check.uniform_chosen and check.bits == 4 and check.feeds == 3
     whole[(4, 4)] = 0.6
     chosen, check = _against_uniform(problem, allocation, 10.0, groups,
-                                     lambda bits, feeds: whole[(bits["a"], bits["b"])], range(3))
+                                     lambda bits, feeds: (whole[(bits["a"], bits["b"])], 0), range(3))
     assert chosen.bits == (2, 8) and not check.uniform_chosen
 
 
@@ -190,3 +190,26 @@ def test_uniform_check_measures_whole_models_and_is_in_the_card():
     assert (written == {4}) == check.uniform_chosen
     card = quantization_card(result)["allocation"]["uniform_check"]
     assert card["uniform_chosen"] == check.uniform_chosen and card["bits"] == 4
+
+
+def test_uniform_check_trusts_written_bytes_when_the_prediction_is_a_hair_over():
+    """A size budget's uniform model predicted 0.5% over the capacity counts as fitting when its
+    written file is within the limit, and not when the file is over too."""
+    from onnxq.bits.allocation import _against_uniform
+
+    problem = Knapsack((2, 4), damage=np.array([[0.3, 0.1], [0.9, 0.2]]),
+                       cost=np.array([[2.0, 4.02], [2.0, 4.02]]))
+    groups = [["a"], ["b"]]
+    allocation = solve(problem, 8.0)
+    assert allocation.bits in ((2, 4), (4, 2))
+    whole = {(4, 4): 0.1}
+
+    def probe(written):
+        return lambda bits, feeds: (whole.get((bits["a"], bits["b"]), 0.5), written)
+
+    chosen, check = _against_uniform(problem, allocation, 8.0, groups, probe(1000), range(2), file_limit=1000)
+    assert chosen.bits == (4, 4) and check.uniform_chosen
+    chosen, check = _against_uniform(problem, allocation, 8.0, groups, probe(1001), range(2), file_limit=1000)
+    assert chosen.bits == allocation.bits and (check is None or check.bits == 2)
+    chosen, check = _against_uniform(problem, allocation, 8.0, groups, probe(1000), range(2))
+    assert check is None or check.bits == 2  # no file limit: the prediction alone decides

@@ -115,6 +115,9 @@ class UniformCheck:
 
 # Called as values(layer, bits) -> (dequantized weight, corrected bias or None).
 CandidateValues = Callable[[str, int], tuple[np.ndarray, np.ndarray | None]]
+# Called with ({layer: bits}, feed indices): that model's damage on those calibration feeds and
+# its written bytes.
+WholeModelProbe = Callable[[dict[str, int], range], tuple[float, int]]
 # Called with {layer: bits}: the worst output cosine of that model on held-out feeds.
 FidelityProbe = Callable[[dict[str, int]], float]
 
@@ -157,9 +160,8 @@ class LayerProbes:
     values: CandidateValues
     base: ProbeBase
     fidelity_of: FidelityProbe | None = None
-    # Called with ({layer: bits}, feed indices): the whole model's damage on those calibration
-    # feeds (the uniform check); None skips the check.
-    damage_of: Callable[[dict[str, int], range], float] | None = None
+    # The uniform check's probe (`WholeModelProbe`); None skips the check.
+    damage_of: WholeModelProbe | None = None
 
 
 def allocate_bits(request: AllocationRequest, probes: LayerProbes,
@@ -213,7 +215,8 @@ def allocate_bits(request: AllocationRequest, probes: LayerProbes,
     uniform = None
     if not isinstance(budget, MaxDrop) and config.allocator is Allocator.SENSITIVITY and probes.damage_of:
         allocation, uniform = _against_uniform(problem, allocation, limit - outside - fixed, groups,
-                                               probes.damage_of, _selection_feeds(request, len(probe_feeds)))
+                                               probes.damage_of, _selection_feeds(request, len(probe_feeds)),
+                                               limit if budget.counts_file else None)
     chosen = {name: bits for group, bits in zip(groups, allocation.bits, strict=True) for name in group}
     layers = tuple(
         LayerAllocation(layer=name, op_type=index.node(name).op_type, elements=facts[name].elements,
@@ -284,6 +287,7 @@ def _smallest_within_drop(problem: Knapsack, max_drop: float, groups: list[list[
 
 
 UNIFORM_CHECK_FEEDS = 16
+UNIFORM_PREDICTION_SLACK = 0.01
 
 
 def _selection_feeds(request: AllocationRequest, probed: int) -> range:
@@ -296,22 +300,30 @@ def _selection_feeds(request: AllocationRequest, probed: int) -> range:
 
 
 def _against_uniform(problem: Knapsack, allocation, capacity: float, groups: list[list[str]],
-                     damage_of: Callable[[dict[str, int], range], float], feeds: range):
+                     damage_of: WholeModelProbe, feeds: range, file_limit: float | None = None):
     """The knapsack's allocation, or every group at the most bits that fit when that measures
-    less damaging as a whole model (`UniformCheck`)."""
-    fitting = [bits for bits in problem.candidates
-               if problem.cost[:, problem.candidates.index(bits)].sum() <= capacity * (1 + 1e-9)
-               and problem.within_side_limits((bits,) * len(groups))]
-    if not fitting or set(allocation.bits) == {max(fitting)}:
-        return allocation, None
-    bits = max(fitting)
-    uniform = problem.evaluate((bits,) * len(groups))
+    less damaging as a whole model (`UniformCheck`). A size budget's prediction of the uniform
+    model may miss by a little (framing that differs between layouts): within
+    `UNIFORM_PREDICTION_SLACK` of the capacity it fits if its written bytes are within
+    `file_limit`."""
+    near = sorted((bits for bits in problem.candidates
+                   if problem.cost[:, problem.candidates.index(bits)].sum()
+                   <= capacity * (1 + (UNIFORM_PREDICTION_SLACK if file_limit is not None else 1e-9))
+                   and problem.within_side_limits((bits,) * len(groups))), reverse=True)
 
     def as_layers(choice) -> dict[str, int]:
         return {name: b for group, b in zip(groups, choice.bits, strict=True) for name in group}
 
-    check = UniformCheck(bits, len(feeds), damage_of(as_layers(allocation), feeds),
-                         damage_of(as_layers(uniform), feeds), as_layers(allocation))
-    logger.info("uniform check: knapsack %.4g, all %d-bit %.4g", check.knapsack_damage, bits,
-                check.uniform_damage)
-    return (uniform if check.uniform_chosen else allocation), check
+    for bits in near:
+        if set(allocation.bits) == {bits}:
+            return allocation, None
+        uniform = problem.evaluate((bits,) * len(groups))
+        uniform_damage, written = damage_of(as_layers(uniform), feeds)
+        if uniform.cost > capacity * (1 + 1e-9) and (file_limit is None or written > file_limit):
+            continue
+        check = UniformCheck(bits, len(feeds), damage_of(as_layers(allocation), feeds)[0], uniform_damage,
+                             as_layers(allocation))
+        logger.info("uniform check: knapsack %.4g, all %d-bit %.4g", check.knapsack_damage, bits,
+                    check.uniform_damage)
+        return (uniform if check.uniform_chosen else allocation), check
+    return allocation, None

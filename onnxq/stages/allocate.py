@@ -182,15 +182,17 @@ class _Candidates:
                                   state.fidelity_feeds.feed(0), self._timing())
         return measured.ratios["chosen"]
 
-    def damage_of(self, bits: dict[str, int], feeds: range) -> float:
-        """The `sensitivity` damage of the model emitted with these bits on calibration feeds."""
+    def damage_of(self, bits: dict[str, int], feeds: range) -> tuple[float, int]:
+        """The `sensitivity` damage of the model emitted with these bits on calibration feeds,
+        and its bytes."""
         state = self.state
-        session = CheckedSession(state.scorer.session(self._emitted(bits), "an allocation"), "an allocation")
+        proto = self._emitted(bits)
+        session = CheckedSession(state.scorer.session(proto, "an allocation"), "an allocation")
         names = state.float_session.output_names
         chosen = [state.calibration.feed(i) for i in feeds]
         reference = [state.float_session.run(names, feed) for feed in chosen]
         outputs = [session.run(names, feed) for feed in chosen]
-        return output_damage(state.config.sensitivity, reference, outputs)
+        return output_damage(state.config.sensitivity, reference, outputs), proto.ByteSize()
 
     def fidelity_of(self, bits: dict[str, int]) -> float:
         """Worst output cosine on the held-out feeds of the model emitted with these bits."""
