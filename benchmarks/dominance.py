@@ -44,7 +44,9 @@ def measure(model: str, label: str, config: QuantConfig, feeds: int) -> dict:
                    if p.name.startswith(model) and p.suffix in (".onnx", ".data"))
         evaluation = zoo.evaluate(path, built)
     bits = [spec.grid.bits for spec in result.plan.weights]
+    allocation = result.summary()["allocation"]
     return {"model": model, "row": label, "held_out_cosine": result.fidelity.outputs[0].cosine,
+            "uniform_check": allocation and allocation["uniform_check"],
             "evaluation": evaluation, "primary_metric": zoo.primary_metric,
             "file_bytes": size, "float_bytes": built.onnx_path.stat().st_size,
             "bits_histogram": {str(b): bits.count(b) for b in sorted(set(bits))},
