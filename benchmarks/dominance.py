@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
+
+from group_sizes import saved_and_evaluated
 
 import onnxq
 from onnxq.config import QuantConfig, WeightMethod
@@ -37,12 +38,7 @@ def measure(model: str, label: str, config: QuantConfig, feeds: int) -> dict:
     start = time.perf_counter()
     result = onnxq.quantize(built.onnx_path, calib, config)
     seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{model}.onnx"
-        result.save(path)
-        size = sum(p.stat().st_size for p in Path(folder).iterdir()
-                   if p.name.startswith(model) and p.suffix in (".onnx", ".data"))
-        evaluation = zoo.evaluate(path, built)
+    size, evaluation = saved_and_evaluated(result, zoo, built)
     bits = [spec.grid.bits for spec in result.plan.weights]
     allocation = result.summary()["allocation"]
     return {"model": model, "row": label, "held_out_cosine": result.fidelity.outputs[0].cosine,

@@ -26,6 +26,16 @@ from onnxq.zoo import default_cache_dir, get
 from onnxq.zoo.common import load_feeds
 
 
+def saved_and_evaluated(result, zoo, built) -> tuple[int, dict]:
+    """The written file's bytes (model and external data) and the zoo's evaluation of it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{built.name}.onnx"
+        result.save(path)
+        size = sum(p.stat().st_size for p in Path(folder).iterdir()
+                   if p.name.startswith(built.name) and p.suffix in (".onnx", ".data"))
+        return size, zoo.evaluate(path, built)
+
+
 def measure(model: str, method: str, group: int, feeds: int, holdout: int) -> dict:
     zoo = get(model)
     built = zoo.build(default_cache_dir())
@@ -35,12 +45,7 @@ def measure(model: str, method: str, group: int, feeds: int, holdout: int) -> di
     start = time.perf_counter()
     result = onnxq.quantize(built.onnx_path, calib, config)
     seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / f"{model}.onnx"
-        result.save(path)
-        size = sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.startswith(model)
-                   and p.suffix in (".onnx", ".data"))
-        evaluation = zoo.evaluate(path, built)
+    size, evaluation = saved_and_evaluated(result, zoo, built)
     output = result.fidelity.outputs[0]
     return {"model": model, "method": method, "group_size": group, "bits": 4,
             "held_out_feeds": result.fidelity.feeds, "held_out_cosine": output.cosine,

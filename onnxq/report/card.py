@@ -136,20 +136,24 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
                                     "alone_dynamic": modes.alone, "latency_ratio": modes.latency,
                                     "latency_threads": result.config.latency_threads, "why": modes.why}
     if result.allocation is not None:
-        report = result.allocation
-        card["allocation"] = {"budget": report.budget, "limit": report.limit, "used": report.used,
-                              "measure": report.measure, "allocator": report.allocator,
-                              "average_bits": report.average_bits,
-                              "feeds": report.feeds,
-                              "max_drop_steps": [list(step) for step in report.steps]}
-        if report.latency_steps:  # max_latency: (predicted, measured) ratio to float per solve
-            card["allocation"]["latency_steps"] = [list(step) for step in report.latency_steps]
-        if report.uniform is not None:
-            check = report.uniform
-            card["allocation"]["uniform_check"] = {
-                "bits": check.bits, "feeds": check.feeds, "knapsack_damage": check.knapsack_damage,
-                "uniform_damage": check.uniform_damage, "uniform_chosen": check.uniform_chosen}
+        card["allocation"] = _allocation_section(result.allocation)
     return card
+
+
+def _allocation_section(report: AllocationReport) -> dict[str, Any]:
+    """The budget, what was used of it, and the checks the allocation went through."""
+    section = {"budget": report.budget, "limit": report.limit, "used": report.used,
+               "measure": report.measure, "allocator": report.allocator,
+               "average_bits": report.average_bits, "feeds": report.feeds,
+               "max_drop_steps": [list(step) for step in report.steps]}
+    if report.latency_steps:  # max_latency: (predicted, measured) ratio to float per solve
+        section["latency_steps"] = [list(step) for step in report.latency_steps]
+    if report.uniform is not None:
+        check = report.uniform
+        section["uniform_check"] = {
+            "bits": check.bits, "feeds": check.feeds, "knapsack_damage": check.knapsack_damage,
+            "uniform_damage": check.uniform_damage, "uniform_chosen": check.uniform_chosen}
+    return section
 
 
 def _mode_origin(result: QuantResult, layer: str) -> str | None:
