@@ -171,10 +171,12 @@ def choose(damage: dict[str, float], latency: dict[str, float], slack: float,
     name = min(allowed, key=lambda candidate: (candidate not in trusted, damage[candidate],
                                                candidate != "static", candidate))
     slower = [other for other in damage if other not in allowed]
+    fast_trusted = [other for other in allowed if other in trusted]
     untrusted = [other for other in allowed if other not in trusted]
-    why = f"least damaging of {', '.join(other for other in allowed if other in trusted)}"
+    why = f"least damaging of {', '.join(fast_trusted or allowed)}"
     if untrusted:
-        why += f" ({', '.join(untrusted)} not better than static on most selection feeds)"
+        why += (f" ({', '.join(untrusted)} not better than static on most selection feeds"
+                f"{'' if fast_trusted else ', but static is slower'})")
     if slower:
         why += f" ({', '.join(slower)} slower than {fastest:.2f}x + {slack:g} or over max_latency)"
     return name, why
