@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import onnx
@@ -75,7 +76,6 @@ class QuantState:
     reports: dict[str, object] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     scratch: tempfile.TemporaryDirectory | None = None  # where spilled weights live
-    _timing_feed: dict | None = field(default=None, repr=False)  # timing_feed(), once found
 
     @property
     def float_bytes(self) -> int:
@@ -100,17 +100,16 @@ class QuantState:
         """Held-out feeds, or the calibration feeds when none are held out."""
         return self.held_out if len(self.held_out) else self.calibration
 
+    @cached_property
     def timing_feed(self) -> dict:
         """The feed models are timed on (the written model, `max_latency`, `auto`): the largest
         one (most input elements) among the held-out and calibration feeds, the first of them
         when all have one shape. A latency budget is about the inputs the model will see; with
         feeds of varying shape (a text line's width) the widest is the one that must fit."""
-        if self._timing_feed is None:
-            feeds = [self.fidelity_feeds.feed(i) for i in range(len(self.fidelity_feeds))]
-            if self.fidelity_feeds is not self.calibration:
-                feeds += [self.calibration.feed(i) for i in range(len(self.calibration))]
-            self._timing_feed = max(feeds, key=lambda feed: sum(value.size for value in feed.values()))
-        return self._timing_feed
+        feeds = [self.fidelity_feeds.feed(i) for i in range(len(self.fidelity_feeds))]
+        if self.fidelity_feeds is not self.calibration:
+            feeds += [self.calibration.feed(i) for i in range(len(self.calibration))]
+        return max(feeds, key=lambda feed: sum(value.size for value in feed.values()))
 
     def stage_progress(self, stage: str, total: int) -> Callable[[int], None] | None:
         """A progress callback for `total` steps of `stage` (None without a display)."""

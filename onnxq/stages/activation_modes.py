@@ -149,7 +149,7 @@ class _Probe:
         """Each kept model's p50 as a ratio to the float model's, timed side by side."""
         state = self.state
         timing = Timing.for_config(state.config)
-        return latency_ratios(state.source or state.float_model, self.models, state.timing_feed(),
+        return latency_ratios(state.source or state.float_model, self.models, state.timing_feed,
                               timing).ratios
 
 

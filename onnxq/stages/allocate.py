@@ -173,13 +173,13 @@ class _Candidates:
         models = {bits: self._emitted(dict.fromkeys(free, bits))
                   for bits in sorted(set(state.config.candidate_bits))}
         return measure_latency_table(state.source or state.float_model, models, free,
-                                     state.timing_feed(), self._timing())
+                                     state.timing_feed, self._timing())
 
     def latency_ratio(self, bits: dict[str, int]) -> float:
         """The measured p50 ratio to float of the model emitted with these bits."""
         state = self.state
         measured = latency_ratios(state.source or state.float_model, {"chosen": self._emitted(bits)},
-                                  state.timing_feed(), self._timing())
+                                  state.timing_feed, self._timing())
         return measured.ratios["chosen"]
 
     def damage_of(self, bits: dict[str, int], feeds: range) -> tuple[float, int]:

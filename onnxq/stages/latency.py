@@ -84,7 +84,7 @@ class MeasureLatency:
             return
         config = state.config
         timing = Timing.for_config(config)
-        feed = state.timing_feed()
+        feed = state.timing_feed
         measured = latency_ratios(state.source or state.float_model, {"quantized": state.quantized},
                                   feed, timing)
         report = LatencyReport(measured.float_ms, measured.ms["quantized"], timing.threads)
