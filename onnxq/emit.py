@@ -7,7 +7,9 @@ MatMulNBits, int2 containers) come from the config through `emit_options`. Where
 containers need a newer opset than the prepared model has (int2: 25), the copy is upgraded
 first with the same version converter `prepare` uses. Dynamic layers (the plan's
 `dynamic_layers`) are rewritten after the Q/DQ pass, into DynamicQuantizeLinear and an integer
-MatMul (onnxq.passes.dynamic_quantize). A Pad left between a DequantizeLinear and a
+MatMul (onnxq.passes.dynamic_quantize); layers with float activations (`float_activations`)
+are rewired to the float tensor in front of their input's Q/DQ pair, their weights left
+quantized (onnxq.passes.float_activations). A Pad left between a DequantizeLinear and a
 QuantizeLinear of one group is moved onto the codes (onnxq.passes.integer_pad).
 """
 
@@ -18,6 +20,7 @@ import onnx_ir as ir
 from onnxq import model_io
 from onnxq.config import QuantConfig
 from onnxq.passes.dynamic_quantize import DynamicQuantizePass
+from onnxq.passes.float_activations import FloatActivationsPass
 from onnxq.passes.insert_qdq import EmitOptions, InsertQDQPass, required_opset
 from onnxq.passes.integer_pad import IntegerPadPass
 from onnxq.passes.upgrade_opset import UpgradeOpsetPass
@@ -48,6 +51,8 @@ def emit(model: ir.Model, plan: QuantPlan, qparams: QParams,
         copy = UpgradeOpsetPass(needed)(copy).model
     copy = InsertQDQPass(static, qparams, options)(copy).model
     copy = IntegerPadPass()(copy).model  # Pads that did not fold run on codes
+    if plan.float_activations:
+        copy = FloatActivationsPass(plan.float_activations)(copy).model
     if plan.dynamic_layers:
         copy = DynamicQuantizePass(plan, qparams, options.dynamic_uint8_weights)(copy).model
     return model_io.in_memory(copy)  # float tensors left mapped from a file are read in

@@ -107,6 +107,11 @@ class QuantPlan:
     mode_rules: dict[str, str] = field(default_factory=dict)
     # Static layers whose mode was measured (activations = auto): node name -> why.
     static_reasons: dict[str, str] = field(default_factory=dict)
+    # Layers that read their input in float (activations = auto): node name -> why. Their
+    # weights stay quantized (weight-only: DequantizeLinear or MatMulNBits in front of the float
+    # op, the file no larger), their biases float; the emitter rewires their input to the float
+    # tensor in front of its Q -> DQ pair (onnxq.passes.float_activations).
+    float_activations: dict[str, str] = field(default_factory=dict)
 
     def with_weight_bits(self, bits: dict[str, int]) -> QuantPlan:
         """A copy whose weights of the named nodes have the given bits (others unchanged)."""
@@ -114,9 +119,12 @@ class QuantPlan:
         return dataclasses.replace(self, weights=weights)
 
     def static_part(self) -> QuantPlan:
-        """The plan without its dynamic layers' weights and biases: what the Q/DQ emitter writes."""
+        """What the Q/DQ emitter writes: the plan without its dynamic layers' weights and biases
+        and without the biases of layers with float activations (an int32 bias needs an input
+        scale)."""
         weights = [spec for spec in self.weights if spec.node not in self.dynamic_layers]
-        biases = [spec for spec in self.biases if spec.node not in self.dynamic_layers]
+        biases = [spec for spec in self.biases if spec.node not in self.dynamic_layers
+                  and spec.node not in self.float_activations]
         return dataclasses.replace(self, weights=weights, biases=biases, dynamic_layers={})
 
     def with_dynamic(self, layers: dict[str, str]) -> QuantPlan:
@@ -125,10 +133,17 @@ class QuantPlan:
         weights = [spec.full_range() if spec.node in layers else spec for spec in self.weights]
         return dataclasses.replace(self, weights=weights, dynamic_layers={**self.dynamic_layers, **layers})
 
+    def with_float_activations(self, layers: dict[str, str]) -> QuantPlan:
+        """A copy in which `layers` (name -> why) read float inputs, their weights quantized."""
+        return dataclasses.replace(self, float_activations={**self.float_activations, **layers})
+
     def activation_mode(self, node: str) -> str:
-        """"dynamic", "static", or "none" (a weight-only layer: an embedding Gather)."""
+        """"dynamic", "static", "float" (quantized weight, float input), or "none" (a
+        weight-only layer: an embedding Gather)."""
         if node in self.dynamic_layers:
             return "dynamic"
+        if node in self.float_activations:
+            return "float"
         return "none" if self.quantized_nodes.get(node) == "Gather" else "static"
 
     def weight_of(self, node: str) -> WeightQuant | None:

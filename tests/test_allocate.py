@@ -213,3 +213,41 @@ def test_uniform_check_trusts_written_bytes_when_the_prediction_is_a_hair_over()
     assert chosen.bits == allocation.bits and (check is None or check.bits == 2)
     chosen, check = _against_uniform(problem, allocation, 8.0, groups, probe(1000), range(2))
     assert check is None or check.bits == 2  # no file limit: the prediction alone decides
+
+
+def test_uniform_check_tries_the_model_weight_bits_writes_first():
+    """At b bits the check's uniform candidates are the model `weight_bits = b` writes (a
+    group whose rows are no longer than one group at `short_row_bits`), then every group at b.
+    A 1x1 Conv over 16 channels has rows of 16 weights: short at group size 64."""
+    from onnxq.bits.allocation import _uniform_choices
+    from onnxq.bits.budgets import LayerFacts
+    from onnxq.bits.sizes import LayerGeometry
+    from onnxq.numerics import IntRange
+    from onnxq.plan import WeightQuant
+
+    shapes = {"wide": (32, 128, 3, 3), "pointwise": (32, 16, 1, 1)}
+    specs = {name: WeightQuant(f"{name}_w", name, 1, 0, IntRange(8, True), block_axis=1) for name in shapes}
+    facts = {name: LayerFacts(LayerGeometry("Conv", shape, 0), macs=0) for name, shape in shapes.items()}
+    groups = [["wide"], ["pointwise"]]
+    choices = _uniform_choices(QuantConfig(weight_group_size=64), groups, specs, facts)
+    assert choices(4) == [(4, 8), (4, 4)]
+    assert choices(8) == [(8, 8)]
+    for config in (QuantConfig(weight_group_size=64, short_row_bits=0), QuantConfig(weight_group_size=8)):
+        assert _uniform_choices(config, groups, specs, facts)(4) == [(4, 4)]
+
+
+def test_average_bits_count_the_container():
+    """3-bit codes are stored in int4: at `avg_bits` they cost what 4 bits cost, so the budget
+    never buys a mix the file does not have."""
+    from onnxq.bits.budgets import AverageBits, BudgetContext, LayerFacts
+    from onnxq.bits.sizes import LayerGeometry
+    from onnxq.passes.insert_qdq import EmitOptions
+
+    layer = LayerFacts(LayerGeometry("Conv", (32, 128, 3, 3), 0), macs=0)
+    context = BudgetContext(layer.elements, 0, EmitOptions())
+    budget = AverageBits(4.0)
+    assert budget.cost(layer, 3, context) == budget.cost(layer, 4, context) == 4 * layer.elements
+    assert budget.cost(layer, 2, context) == 2 * layer.elements  # int2
+    assert budget.cost(layer, 8, context) == 8 * layer.elements
+    fast = BudgetContext(layer.elements, 0, EmitOptions(low_bit_convs_int8=True))
+    assert budget.cost(layer, 4, fast) == 8 * layer.elements  # codes in an int8 container

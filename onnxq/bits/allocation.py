@@ -41,7 +41,8 @@ from onnxq.data import CalibrationSet
 from onnxq.emit import EmitOptions
 from onnxq.errors import ConfigError
 from onnxq.index import ModelIndex
-from onnxq.plan import QuantPlan
+from onnxq.numerics import grouped_shape
+from onnxq.plan import QuantPlan, WeightQuant
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +215,10 @@ def allocate_bits(request: AllocationRequest, probes: LayerProbes,
         allocation = solve(problem, limit - outside - fixed)
     uniform = None
     if not isinstance(budget, MaxDrop) and config.allocator is Allocator.SENSITIVITY and probes.damage_of:
-        allocation, uniform = _against_uniform(problem, allocation, limit - outside - fixed, groups,
-                                               probes.damage_of, _selection_feeds(request, len(probe_feeds)),
-                                               limit if budget.counts_file else None)
+        allocation, uniform = _against_uniform(
+            problem, allocation, limit - outside - fixed, groups, probes.damage_of,
+            _selection_feeds(request, len(probe_feeds)), limit if budget.counts_file else None,
+            _uniform_choices(config, groups, specs, facts))
     chosen = {name: bits for group, bits in zip(groups, allocation.bits, strict=True) for name in group}
     layers = tuple(
         LayerAllocation(layer=name, op_type=index.node(name).op_type, elements=facts[name].elements,
@@ -299,28 +301,54 @@ def _selection_feeds(request: AllocationRequest, probed: int) -> range:
     return range(probed, min(available, probed + UNIFORM_CHECK_FEEDS))
 
 
+def _uniform_choices(config: QuantConfig, groups: list[list[str]], specs: dict[str, WeightQuant],
+                     facts: dict[str, LayerFacts]) -> Callable[[int], list[tuple[int, ...]]]:
+    """For a bit-width b, the uniform allocations the check tries, in order: the model
+    `weight_bits = b` writes (the groups of short rows at `short_row_bits`, when any), then
+    every group at b."""
+
+    def short(name: str, bits: int) -> bool:
+        spec, group = specs[name], config.group_size_at(bits)
+        return (spec.block_axis is not None and bool(group) and bits < config.short_row_bits
+                and grouped_shape(facts[name].geometry.weight_shape)[spec.block_axis] <= group)
+
+    def choices(bits: int) -> list[tuple[int, ...]]:
+        plain = (bits,) * len(groups)
+        written = tuple(config.short_row_bits if all(short(name, bits) for name in group) else bits
+                        for group in groups)
+        return [written, plain] if written != plain else [plain]
+
+    return choices
+
+
 def _against_uniform(problem: Knapsack, allocation, capacity: float, groups: list[list[str]],
-                     damage_of: WholeModelProbe, feeds: range, file_limit: float | None = None):
-    """The knapsack's allocation, or every group at the most bits that fit when that measures
-    less damaging as a whole model (`UniformCheck`). A size budget's prediction of the uniform
+                     damage_of: WholeModelProbe, feeds: range, file_limit: float | None = None,
+                     uniform_for: Callable[[int], list[tuple[int, ...]]] | None = None):
+    """The knapsack's allocation, or a uniform one when that measures less damaging as a
+    whole model (`UniformCheck`): at the most bits b that fit, each of `uniform_for(b)` in
+    turn (default: every group at b; allocate_bits: the model `weight_bits = b` writes, short
+    rows included, then every group at b). A size budget's prediction of the uniform
     model may miss by a little (framing that differs between layouts): within
     `UNIFORM_PREDICTION_SLACK` of the capacity it fits if its written bytes are within
     `file_limit`."""
-    near = sorted((bits for bits in problem.candidates
-                   if problem.cost[:, problem.candidates.index(bits)].sum()
-                   <= capacity * (1 + (UNIFORM_PREDICTION_SLACK if file_limit is not None else 1e-9))
-                   and problem.within_side_limits((bits,) * len(groups))), reverse=True)
+    slack = UNIFORM_PREDICTION_SLACK if file_limit is not None else 1e-9
+    uniform_for = uniform_for or (lambda bits: [(bits,) * len(groups)])
+    near = [choice for bits in sorted(problem.candidates, reverse=True) for choice in uniform_for(bits)
+            if all(b in problem.candidates for b in choice)
+            and problem.evaluate(choice).cost <= capacity * (1 + slack)
+            and problem.within_side_limits(choice)]
 
     def as_layers(choice) -> dict[str, int]:
         return {name: b for group, b in zip(groups, choice.bits, strict=True) for name in group}
 
-    for bits in near:
-        if set(allocation.bits) == {bits}:
+    for choice in near:
+        if allocation.bits == choice:
             return allocation, None
-        uniform = problem.evaluate((bits,) * len(groups))
+        uniform = problem.evaluate(choice)
         uniform_damage, written = damage_of(as_layers(uniform), feeds)
         if uniform.cost > capacity * (1 + 1e-9) and (file_limit is None or written > file_limit):
             continue
+        bits = min(choice)
         check = UniformCheck(bits, len(feeds), damage_of(as_layers(allocation), feeds)[0], uniform_damage,
                              as_layers(allocation))
         logger.info("uniform check: knapsack %.4g, all %d-bit %.4g", check.knapsack_damage, bits,

@@ -1,10 +1,11 @@
 """Budgets of the bit allocation, one type each: what a layer at b bits costs, and the limit.
 
-    AverageBits(bits)      cost = b * elements         limit = bits * all weight elements
+    AverageBits(bits)      cost = stored b * elements  limit = bits * all weight elements
+                           (stored b: the container's bits, 3-bit codes count 4 in int4)
     SizeMB(megabytes)      cost = bytes on disk         limit = megabytes * 10^6
     SizeRatio(ratio)       cost = bytes on disk         limit = ratio * the float file's bytes
     Bops(gbops)            cost = MACs * b * 8          limit = gbops * 10^9
-    MaxDrop(drop)          cost = b * elements          limit: found by measuring fidelity
+    MaxDrop(drop)          cost = stored b * elements         limit: found by measuring fidelity
                            (bisection over the average-bits limit; see onnxq.bits.allocation)
 
 Size budgets also count what no layer's bits change (activation scales, float tensors, the
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from onnxq.bits.latency_costs import LatencyTable
-from onnxq.bits.sizes import LayerGeometry, framing_bytes, predict_layer_bytes
+from onnxq.bits.sizes import LayerGeometry, framing_bytes, predict_layer_bytes, stored_bits
 from onnxq.errors import ConfigError
 from onnxq.passes.insert_qdq import EmitOptions
 
@@ -65,7 +66,9 @@ class AverageBits:
         _positive(self, self.bits)
 
     def cost(self, layer: LayerFacts, bits: int, context: BudgetContext) -> float:
-        return bits * layer.elements
+        """Bits as stored: a 3-bit layer costs what a 4-bit one does (the same int4 bytes), so
+        `avg_bits = 4` writes no larger a file than every layer at 4 bits."""
+        return stored_bits(layer.geometry, bits, context.layout) * layer.elements
 
     def limit(self, context: BudgetContext) -> float:
         return self.bits * context.weight_elements
@@ -134,7 +137,7 @@ class MaxDrop:
         _positive(self, self.drop)
 
     def cost(self, layer: LayerFacts, bits: int, context: BudgetContext) -> float:
-        return bits * layer.elements
+        return stored_bits(layer.geometry, bits, context.layout) * layer.elements
 
     def limit(self, context: BudgetContext) -> float:
         raise ConfigError("max_drop has no fixed limit: it is searched by measuring fidelity")

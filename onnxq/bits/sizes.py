@@ -158,6 +158,13 @@ def layer_geometry(index: ModelIndex, plan: QuantPlan, spec: WeightQuant) -> Lay
                          len(spec.tensor.encode()))
 
 
+def stored_bits(geometry: LayerGeometry, bits: int, options: EmitOptions | None = None) -> int:
+    """Bits each code of a layer at `bits` takes in its container (3-bit codes: 4, in int4)."""
+    return weight_storage(geometry.op_type, geometry.weight_shape, geometry.axis,
+                          IntRange(bits, geometry.signed), options or EmitOptions(),
+                          geometry.group_size(bits)).bits
+
+
 def predict_layer_bytes(geometry: LayerGeometry, bits: int,
                         options: EmitOptions | None = None) -> int:
     """Payload bytes the emitter will write for a layer at `bits`."""

@@ -160,6 +160,8 @@ def _mode_origin(result: QuantResult, layer: str) -> str | None:
     """Why a layer's activations have their mode: a rule, the config, or auto's measurement."""
     if layer in result.plan.dynamic_layers:
         return result.plan.dynamic_layers[layer]
+    if layer in result.plan.float_activations:
+        return result.plan.float_activations[layer]
     if layer in result.plan.mode_rules:
         return f"rule {result.plan.mode_rules[layer]}"
     if result.plan.activation_mode(layer) == "none":

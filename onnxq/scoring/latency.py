@@ -38,13 +38,16 @@ Feed = Mapping[str, np.ndarray]
 @dataclass(frozen=True)
 class Timing:
     """How latency is timed: `rounds` interleaved rounds of `runs` timed runs per model, after
-    `warmup` untimed runs per model, on `threads` intra-op threads."""
+    `warmup` untimed runs per model, on `threads` intra-op threads. A model so fast that its
+    runs would take less than `min_round_ms` per round gets as many more as fill it (a 0.2 ms
+    model's ten runs are 2 ms: a scheduler tick moves their median; `alternating_p50_ms`)."""
 
     rounds: int = 7
     runs: int = 10
     warmup: int = 3
     threads: int = 1
     provider: str = "cpu"
+    min_round_ms: float = 25.0
 
     def __post_init__(self) -> None:
         for name in ("rounds", "runs"):
@@ -52,6 +55,8 @@ class Timing:
                 raise ConfigError(f"latency {name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"latency warmup must be 0 or more, got {self.warmup}")
+        if not self.min_round_ms >= 0:
+            raise ConfigError(f"latency min_round_ms must be 0 or more, got {self.min_round_ms}")
 
     @classmethod
     def for_config(cls, config: object) -> Timing:
@@ -89,14 +94,25 @@ def timed_runs(session: ort.InferenceSession, feed: Feed, runs: int, warmup: int
 def alternating_p50_ms(opened: Sequence[ort.InferenceSession], feed: Feed, timing: Timing,
                        labels: Sequence[str] | None = None) -> list[float]:
     """p50 latency (ms) of each session over `timing.rounds` rounds that take the sessions in
-    turn (the warm-up runs once, in the first round)."""
+    turn (the warm-up runs once, in the first round). From the second round on, a session runs
+    enough times to fill `timing.min_round_ms` (at least `timing.runs`), judged by its first
+    round's median."""
     labels = labels or [f"model {index}" for index in range(len(opened))]
     times: list[list[np.ndarray]] = [[] for _ in opened]
+    runs = [timing.runs] * len(opened)
     for round_index in range(timing.rounds):
         warmup = timing.warmup if round_index == 0 else 0
         for index, session in enumerate(opened):
-            times[index].append(timed_runs(session, feed, timing.runs, warmup, labels[index]))
+            times[index].append(timed_runs(session, feed, runs[index], warmup, labels[index]))
+        if round_index == 0:
+            runs = [runs_filling(timing, float(np.median(first[0]))) for first in times]
     return [float(np.median(np.concatenate(t))) * 1e3 for t in times]
+
+
+def runs_filling(timing: Timing, seconds_per_run: float) -> int:
+    """Runs per round: `timing.runs`, or as many as take `timing.min_round_ms`."""
+    wanted = timing.min_round_ms / 1e3 / max(seconds_per_run, 1e-7)
+    return max(timing.runs, min(int(np.ceil(wanted)), 100 * timing.runs))
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,20 @@
-"""`activations = auto`: each layer that can take dynamic activations gets static or dynamic
-ones, whichever damages the model's outputs less, measured through ONNX Runtime on calibration
-feeds (never the held-out ones, which verification keeps for itself).
+"""`activations = auto`: each layer gets static, dynamic or float activations, whichever damages
+the model's outputs least at a latency within the slack of the fastest, measured through ONNX
+Runtime on calibration feeds (never the held-out ones, which verification keeps for itself).
 
     d_0          damage of the model as planned (every free layer static)
     d_L          damage with layer L alone dynamic                        (one model per layer)
+    f_L          damage with layer L alone reading float activations      (one model per layer)
     mixed        the layers with d_L < d_0 dynamic
-    whole        static, dynamic and mixed, each on the selection feeds: a candidate other than
+    F            the layers whose f_L < (1 - FLOAT_SHARE) d_0: each removes at least that share
+                 of the model's damage alone (input rounding that costs the outputs most)
+    float        F float, the rest static; float_top: only the first of F (least f_L);
+                 mixed_float (dynamic_float when every free layer helped): those layers
+                 dynamic and F float (float where a layer is in both); a float candidate
+                 counts only if it removes FLOAT_SHARE of its base's damage on the selection
+                 feeds too
+    whole        static, dynamic, mixed and the float candidates (those that exist), each on
+                 the selection feeds: a candidate other than
                  static is trusted only if it lowers the pooled damage AND the damage of a
                  strict majority of the selection feeds (onnxq.search.keep, the rule Evol-Q's
                  blocks pass too)
@@ -23,6 +32,13 @@ model that only fits the screening feeds falls back to static. On PP-OCRv4 (W8A8
 that "helped" moved each layer's damage by 0.4% and the mixed model, pooled on the same feeds,
 looked 12% better than static while its held-out calibration cosine was lower. With a single
 calibration feed the two sets are that one feed (the card says so).
+
+A layer with float activations keeps its quantized weight (a weight-only layer: the file is no
+larger, so a size budget the allocation met still holds) and runs the float op; its input's
+Q/DQ pair goes where no other layer reads it (onnxq.passes.float_activations). Only the
+latency slack keeps float candidates out: they always lower the damage, and they cost the
+integer kernel they give up. Any quantized layer may go float (Convs too), dynamic only MatMul
+and Gemm.
 
 Measuring whole models, and keeping all-static and all-dynamic among the choices, makes the
 result at least as good as the better uniform mode on the selection feeds, unless it is slower:
@@ -77,6 +93,12 @@ class ModeReport:
     why: str = ""
     selection_feeds: int = 0
     improved_feeds: dict[str, int] = field(default_factory=dict)
+    alone_float: dict[str, float] = field(default_factory=dict)
+
+
+# A layer joins the float candidates when float activations alone remove at least this share of
+# the planned model's damage (screening feeds): one layer that carries a tenth of the error.
+FLOAT_SHARE = 0.1
 
 
 def free_layers(state: QuantState) -> list[str]:
@@ -85,6 +107,49 @@ def free_layers(state: QuantState) -> list[str]:
     return [spec.node for spec in plan.weights
             if spec.node not in plan.mode_rules and spec.node not in plan.dynamic_layers
             and spec.grid.bits == 8 and dynamic_capable(state.index.node(spec.node)) is None]
+
+
+def float_free_layers(state: QuantState) -> list[str]:
+    """Planned static layers (any op, any bits) no rule fixed: those that may read float inputs."""
+    plan = state.plan
+    return [spec.node for spec in plan.weights
+            if spec.node not in plan.mode_rules and plan.activation_mode(spec.node) == "static"]
+
+
+def float_layers(alone_float: dict[str, float], static: float) -> list[str]:
+    """F: the layers whose float activations alone remove at least FLOAT_SHARE of `static`'s
+    damage, the most helpful first (ties by name)."""
+    helpful = [layer for layer, damage in alone_float.items() if damage < (1 - FLOAT_SHARE) * static]
+    return sorted(helpful, key=lambda layer: (alone_float[layer], layer))
+
+
+# Float candidates and the candidate their float layers are added to.
+FLOAT_BASES = {"float_top": "static", "float": "static", "mixed_float": "mixed",
+               "dynamic_float": "dynamic"}
+
+
+def _float_pays(name: str, damage: dict[str, float]) -> bool:
+    """A float candidate counts only if its float layers remove FLOAT_SHARE of its base's
+    damage on the selection feeds too (as they did alone on the screening feeds): float
+    layers give up integer kernels, which the latency slack may not see."""
+    base = FLOAT_BASES.get(name)
+    return base is None or damage[name] <= (1 - FLOAT_SHARE) * damage[base]
+
+
+def candidate_layers(free: list[str], mixed: list[str], floating: list[str]
+                     ) -> dict[str, tuple[list[str], list[str]]]:
+    """Each whole candidate's (dynamic layers, float layers)."""
+    layers = {"static": ([], []), "dynamic": (free, [])}
+    if mixed and mixed != free:
+        layers["mixed"] = (mixed, [])
+    if floating:
+        layers["float_top"] = ([], floating[:1])
+        if len(floating) > 1:
+            layers["float"] = ([], floating)
+        if mixed:  # the layers that helped dynamic: all of them (dynamic) or some (mixed)
+            name = "mixed_float" if "mixed" in layers else "dynamic_float"
+            layers[name] = ([layer for layer in mixed if layer not in floating], floating)
+    return layers
 
 
 def qparams_for(state: QuantState, plan: QuantPlan) -> QParams:
@@ -128,11 +193,14 @@ class _Probe:
         feeds = [self.state.calibration.feed(i) for i in indices]
         return feeds, [self.state.float_session.run(self.names, feed) for feed in feeds]
 
-    def damage(self, dynamic: list[str], keep_as: str | None = None) -> tuple[float, list[float]]:
-        """Pooled damage and each feed's own: on the selection feeds for a whole candidate
-        (`keep_as`, kept for timing), else on the screening feeds."""
+    def damage(self, dynamic: list[str], floating: list[str] = (),
+               keep_as: str | None = None) -> tuple[float, list[float]]:
+        """Pooled damage with these layers dynamic and these reading float, and each feed's
+        own: on the selection feeds for a whole candidate (`keep_as`, kept for timing), else on
+        the screening feeds."""
         state = self.state
         plan = state.plan.with_dynamic(dict.fromkeys(dynamic, "auto"))
+        plan = plan.with_float_activations(dict.fromkeys(floating, "auto"))
         model = emit(state.model, plan, qparams_for(state, plan), emit_options(state.config))
         proto = model_io.to_proto(model)
         label = "an activation-mode candidate"
@@ -175,7 +243,8 @@ def choose(damage: dict[str, float], latency: dict[str, float], slack: float,
     untrusted = [other for other in allowed if other not in trusted]
     why = f"least damaging of {', '.join(fast_trusted or allowed)}"
     if untrusted:
-        why += (f" ({', '.join(untrusted)} not better than static on most selection feeds"
+        why += (f" ({', '.join(untrusted)} not trusted: not better than static on most selection "
+                f"feeds, or float layers that removed less than {FLOAT_SHARE:g} of the damage"
                 f"{'' if fast_trusted else ', but static is slower'})")
     if slower:
         why += f" ({', '.join(slower)} slower than {fastest:.2f}x + {slack:g} or over max_latency)"
@@ -193,22 +262,23 @@ class ActivationModes:
         return {}
 
     def run(self, state: QuantState) -> None:
-        free = free_layers(state)
-        if not free:
+        free, float_free = free_layers(state), float_free_layers(state)
+        if not free and not float_free:
             return
         probe = _Probe(state)
-        tick = state.stage_progress(self.name, len(free) + 5) or (lambda advance: None)
+        tick = state.stage_progress(self.name, len(free) + len(float_free) + 7) or (lambda advance: None)
         static = probe.damage([])[0]
-        alone = {}
+        alone, alone_float = {}, {}
         for layer in free:
             alone[layer] = probe.damage([layer])[0]
             tick(1)
+        for layer in float_free:
+            alone_float[layer] = probe.damage([], [layer])[0]
+            tick(1)
         mixed = [layer for layer in free if alone[layer] < static]
-        layers = {"static": [], "dynamic": free}
-        if mixed and mixed != free:
-            layers["mixed"] = mixed
-        whole = {name: probe.damage(dynamic, keep_as=name) for name, dynamic in layers.items()}
-        tick(4)
+        layers = candidate_layers(free, mixed, float_layers(alone_float, static))
+        whole = {name: probe.damage(*chosen, keep_as=name) for name, chosen in layers.items()}
+        tick(6)
         base = whole["static"]
         verdicts = {name: decide(base[0], pooled, np.array(base[1]), np.array(per_feed))
                     for name, (pooled, per_feed) in whole.items() if name != "static"}
@@ -216,31 +286,42 @@ class ActivationModes:
         tick(1)
         config = state.config
         candidates = {name: pooled for name, (pooled, _) in whole.items()}
-        trusted = {name for name, verdict in verdicts.items() if verdict.kept}
+        trusted = {name for name, verdict in verdicts.items() if verdict.kept
+                   and _float_pays(name, {name: pooled for name, (pooled, _) in whole.items()})}
         chosen, why = choose(candidates, latency, config.mode_latency_slack, config.max_latency, trusted)
         report = ModeReport(config.sensitivity.value, len(probe.screen[0]), static, alone, candidates,
                             chosen, latency, why, len(probe.select[0]),
-                            {name: verdict.improved_feeds for name, verdict in verdicts.items()})
-        _apply(state, free, layers[chosen], report)
+                            {name: verdict.improved_feeds for name, verdict in verdicts.items()},
+                            alone_float)
+        _apply(state, list(dict.fromkeys(free + float_free)), *layers[chosen], report)
 
 
-def _apply(state: QuantState, free: list[str], dynamic: list[str], report: ModeReport) -> None:
-    """Make the chosen layers dynamic and say why each free layer has its mode."""
+def _apply(state: QuantState, free: list[str], dynamic: list[str], floating: list[str],
+           report: ModeReport) -> None:
+    """Make the chosen layers dynamic or float and say why each free layer has its mode."""
     whole = ", ".join(f"{name} {value:.3g}{_improved(report, name)} at "
                       f"{report.latency[name]:.2f}x float latency"
                       for name, value in report.candidates.items())
     reasons = {layer: (f"auto: {report.chosen} model chosen, {report.why} ({report.measure} of "
                        f"whole models on {report.selection_feeds} selection feeds: {whole}); this layer "
-                       f"alone dynamic {report.alone[layer]:.3g} vs all static {report.static_damage:.3g} "
+                       f"{_alone(report, layer)} vs all static {report.static_damage:.3g} "
                        f"on {report.feeds} screening feeds") for layer in free}
     plan = state.plan.with_dynamic({layer: reasons[layer] for layer in dynamic})
+    plan = plan.with_float_activations({layer: reasons[layer] for layer in floating})
     state.qparams = qparams_for(state, plan)
     for layer in free:
         plan.static_reasons.pop(layer, None)
-        if layer not in dynamic:
+        if layer not in dynamic and layer not in floating:
             plan.static_reasons[layer] = reasons[layer]
     state.plan = plan
     state.reports["activation_modes"] = report
+
+
+def _alone(report: ModeReport, layer: str) -> str:
+    """This layer's screening damages: alone dynamic, alone float (those measured)."""
+    parts = [f"alone {mode} {damages[layer]:.3g}" for mode, damages in
+             (("dynamic", report.alone), ("float", report.alone_float)) if layer in damages]
+    return ", ".join(parts)
 
 
 def _improved(report: ModeReport, name: str) -> str:
