@@ -116,8 +116,9 @@ class ActivationMode(enum.Enum):
     static: one scale and zero point per tensor, fixed from calibration statistics (ORT fuses
     Q/DQ into QLinearConv, QGemm, MatMulIntegerToFloat). dynamic: scale and zero point of each
     batch computed at run time (DynamicQuantizeLinear, uint8 asymmetric) in front of an integer
-    MatMul (onnxq.passes.dynamic_quantize); needs no calibration data. auto: static or dynamic
-    chosen per layer by measured damage on calibration data (onnxq.stages.activation_modes).
+    MatMul (onnxq.passes.dynamic_quantize); needs no calibration data. auto: static, dynamic
+    (MatMul / Gemm) or float inputs (any layer, its weight still quantized) chosen per layer by
+    measured damage on calibration data and measured latency (onnxq.stages.activation_modes).
     """
 
     STATIC = "static"
@@ -396,8 +397,9 @@ class QuantConfig:
         activations: "static" (default), "dynamic" or "auto" (ActivationMode). dynamic: every
             MatMul / Gemm with a constant 2-D weight quantizes its input per batch at run time;
             the other layers are static with calibration data and stay float without it (a
-            dynamic run needs no data). auto: each such layer static or dynamic, whichever
-            damages the outputs less on calibration feeds.
+            dynamic run needs no data). auto: each such layer static or dynamic, and any
+            quantized layer static or with float inputs (weight-only), whichever damages the
+            outputs least on calibration feeds within `mode_latency_slack` of the fastest.
         layer_activations: per-layer "PATTERN=static|dynamic" rules (PATTERN as in
             `exclude`), matched among the layers that can take dynamic activations; the last
             matching rule wins over `activations`; one that matches no such layer is an error.

@@ -97,7 +97,8 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--activations", type=click.Choice([m.value for m in ActivationMode]), default=None,
               help="Activations of MatMul / Gemm layers: static (scales from calibration), dynamic "
                    "(per batch at run time; other layers static with --calib, float without) or "
-                   "auto (static or dynamic per layer, by measured damage) [default: static].")
+                   "auto (static, dynamic or float per layer, by measured damage and latency) "
+                   "[default: static].")
 @click.option("--method", type=click.Choice([m.value for m in CalibrationMethod] + ["comq"]),
               default=None,
               help="How activation ranges are chosen from calibration statistics [default: mse]; "
