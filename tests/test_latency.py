@@ -75,12 +75,34 @@ def test_latency_ratios_time_every_candidate():
     feed = small_cnn_feeds(1)[0]
     measured = latency_ratios(model, {"same": model}, feed, Timing(rounds=2, runs=3, warmup=1))
     assert set(measured.ratios) == {"same"} and measured.float_ms > 0 and measured.ratios["same"] > 0
+    assert len(measured.round_ratios["same"]) == 2
+    assert measured.worst_ratios["same"] == max(measured.round_ratios["same"])
+
+
+def test_worst_ratio_is_the_highest_round():
+    """A budget is checked against a candidate's worst round (the median passes more often)."""
+    from onnxq.scoring.latency import LatencyRatios
+
+    measured = LatencyRatios(10.0, {"a": 9.5}, Timing(), {"a": (0.93, 1.03, 0.95)})
+    assert measured.ratios["a"] == pytest.approx(0.95) and measured.worst_ratios["a"] == 1.03
+    assert LatencyRatios(10.0, {"a": 9.5}, Timing()).worst_ratios["a"] == pytest.approx(0.95)
+
+
+def test_tiny_models_get_more_runs_per_round():
+    from onnxq.scoring.latency import runs_filling
+
+    timing = Timing(runs=10, min_round_ms=25.0)
+    assert runs_filling(timing, 0.0002) == 125  # 0.2 ms: 125 runs fill 25 ms
+    assert runs_filling(timing, 0.010) == 10  # 10 ms: the configured runs
+    assert runs_filling(timing, 1e-9) == 1000  # at most 100x the configured runs
+    assert runs_filling(Timing(runs=10, min_round_ms=0), 0.0002) == 10
 
 
 @pytest.mark.parametrize("changes, pattern", [
     ({"rounds": 0}, "latency rounds must be at least 1"),
     ({"runs": 0}, "latency runs must be at least 1"),
     ({"warmup": -1}, "latency warmup must be 0 or more"),
+    ({"min_round_ms": -1}, "latency min_round_ms must be 0 or more"),
 ])
 def test_bad_timing_values(changes, pattern):
     with pytest.raises(ConfigError, match=pattern):
