@@ -53,7 +53,7 @@ A free layer is one `layer_activations` rules do not fix. A layer switched to dy
 weight at full range from the same searcher (`QuantPlan.with_dynamic`; a dynamic layer needs no
 7-bit codes) and its bias corrected again; its input group stays in the plan (static layers
 reading the same tensor keep it), and the emitter drops a Q/DQ pair that no static layer reads.
-Latency is timed on the largest feed (`QuantState.timing_feed`) at `latency_threads` intra-op threads
+Latency is timed on the median-size feed (`QuantState.timing_feed`) at `latency_threads` intra-op threads
 (onnxq.scoring.latency): the choice is as stable as the gap between candidates, which is why
 candidates within the slack count as equally fast, and the card records the timings.
 """
