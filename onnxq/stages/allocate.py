@@ -5,7 +5,8 @@ parameters.
 
 Under `max_latency` the layers' times at each candidate come from ORT's profile of the model
 at that bit-width (onnxq.bits.latency_costs). A profile is a prediction: the chosen model is
-emitted and timed against the float model, and while it is over the budget the table's anchor
+emitted and timed against the float model (its worst interleaved round, over
+`LATENCY_CHECK_SESSIONS` timings with fresh sessions), and while it is over the budget the table's anchor
 is moved by the miss and the knapsack solved again (the measured damage reused), at most
 `LATENCY_SOLVES` times. Each (predicted, measured) pair goes to the report.
 """
@@ -74,6 +75,8 @@ class Allocation:
         state.reports["allocation"] = report
 
 
+# Timings of the chosen model, each with fresh ORT sessions (`_Candidates.latency_ratio`).
+LATENCY_CHECK_SESSIONS = 2
 LATENCY_SOLVES = 3
 
 
@@ -177,14 +180,15 @@ class _Candidates:
 
     def latency_ratio(self, bits: dict[str, int]) -> float:
         """The measured ratio to float of the model emitted with these bits: its highest round
-        ratio (`LatencyRatios.worst_ratios`), so that a budget it meets holds in every round of
-        interleaved timing, not only on the median (on 2 shared cores the same model's ratio
-        moved 0.05-0.1 between runs; PP-OCRv4 under `--max-latency 1` measured 1.04 in a
-        benchmark after meeting the budget on the median)."""
+        ratio (`LatencyRatios.worst_ratios`) over LATENCY_CHECK_SESSIONS timings, each with
+        sessions of its own. A budget it meets then holds in every round, not only on the
+        median, and in more than one session: on 2 shared cores the same pair of PP-OCRv4
+        files measured 1.0 in one process and 1.08 in another."""
         state = self.state
-        measured = latency_ratios(state.source or state.float_model, {"chosen": self._emitted(bits)},
-                                  state.timing_feed, self._timing())
-        return measured.worst_ratios["chosen"]
+        chosen = self._emitted(bits)
+        return max(latency_ratios(state.source or state.float_model, {"chosen": chosen}, state.timing_feed,
+                                  self._timing()).worst_ratios["chosen"]
+                   for _ in range(LATENCY_CHECK_SESSIONS))
 
     def damage_of(self, bits: dict[str, int], feeds: range) -> tuple[float, int]:
         """The `sensitivity` damage of the model emitted with these bits on calibration feeds,
