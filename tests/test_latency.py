@@ -122,3 +122,28 @@ def test_cli_summary_reports_latency(tmp_path):
     human = subprocess.run([sys.executable, "-m", "onnxq", "quantize", model, tmp_path / "out2.onnx",
                             "--calib", calib], capture_output=True, text=True, timeout=300)
     assert "latency: " in human.stdout and "x float (p50" in human.stdout
+
+
+class _Feeds(list):
+    """Feeds as a CalibrationSet hands them out."""
+
+    def feed(self, index: int) -> dict:
+        return self[index]
+
+
+def test_models_are_timed_on_the_median_size_feed():
+    """The deployment's typical input, not the widest: a ratio to float depends on the size."""
+    from types import SimpleNamespace
+
+    from onnxq.state import QuantState
+
+    def lines(*widths):
+        return _Feeds({"x": np.zeros((1, 3, 48, width), np.float32)} for width in widths)
+
+    calibration = lines(320, 582, 320)
+    state = SimpleNamespace(fidelity_feeds=lines(430, 320), calibration=calibration)
+    assert QuantState.timing_feed.func(state)["x"].shape[-1] == 320
+    state = SimpleNamespace(fidelity_feeds=calibration, calibration=calibration)  # none held out
+    assert QuantState.timing_feed.func(state)["x"].shape[-1] == 320
+    state = SimpleNamespace(fidelity_feeds=lines(582, 430, 320), calibration=lines(600))
+    assert QuantState.timing_feed.func(state)["x"].shape[-1] == 582  # sizes 320 430 582 600
