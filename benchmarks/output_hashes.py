@@ -9,7 +9,9 @@ comparing after:
 Models: the bundled digit CNN and every zoo model (built into the zoo cache if needed); settings:
 the default config, `--method comq --weight-bits 4` and `--avg-bits 4`, each with
 `--no-reduce-range` (so that the hashes do not depend on the CPU's VNNI). The recorded hashes
-are of 2026-11-29 (channel equalization and the dead-channel bias fit included). Each run is a
+are of 2026-11-29 (channel equalization and the dead-channel bias fit included), `comq_w4`
+and `avg_bits_4` re-recorded 2026-11-30 (short rows at 8 bits, the uniform check, int2
+containers, container bits in `avg_bits`; PP-OCRv4's default: written-out HardSwish fused). Each run is a
 fresh `onnxq quantize` process. Only the model file is hashed: its card holds timings.
 """
 
