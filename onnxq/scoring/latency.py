@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -125,24 +125,15 @@ def runs_filling(timing: Timing, seconds_per_run: float) -> int:
 
 @dataclass(frozen=True)
 class LatencyRatios:
-    """p50 (ms) of the float model and of each candidate, and each candidate's ratio to it;
-    `round_ratios`: each candidate's p50 over the float model's within each round."""
+    """p50 (ms) of the float model and of each candidate, and each candidate's ratio to it."""
 
     float_ms: float
     ms: dict[str, float]
     timing: Timing
-    round_ratios: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def ratios(self) -> dict[str, float]:
         return {name: value / self.float_ms for name, value in self.ms.items()}
-
-    @property
-    def worst_ratios(self) -> dict[str, float]:
-        """Each candidate's highest round ratio: a budget met by it held in every round, so
-        the machine's round-to-round noise is inside the margin (the p50 ratio when rounds
-        were not kept)."""
-        return {name: max(self.round_ratios.get(name) or (ratio,)) for name, ratio in self.ratios.items()}
 
 
 def latency_ratios(float_model: sessions.Model, candidates: Mapping[str, sessions.Model], feed: Feed,
@@ -154,12 +145,8 @@ def latency_ratios(float_model: sessions.Model, candidates: Mapping[str, session
     models = [float_model, *candidates.values()]
     labels = ["the float model", *(f"the {name} candidate" for name in candidates)]
     opened = [opener(model, label, settings) for model, label in zip(models, labels, strict=True)]
-    times = alternating_times(opened, feed, timing, labels)
-    p50 = [float(np.median(np.concatenate(t))) * 1e3 for t in times]
-    rounds = [[float(np.median(one_round)) for one_round in t] for t in times]
-    round_ratios = {name: tuple(mine / base for mine, base in zip(rounds[index], rounds[0], strict=True))
-                    for index, name in enumerate(names[1:], start=1)}
-    return LatencyRatios(p50[0], dict(zip(names[1:], p50[1:], strict=True)), timing, round_ratios)
+    p50 = alternating_p50_ms(opened, feed, timing, labels)
+    return LatencyRatios(p50[0], dict(zip(names[1:], p50[1:], strict=True)), timing)
 
 
 @dataclass(frozen=True)

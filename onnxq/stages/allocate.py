@@ -5,7 +5,7 @@ parameters.
 
 Under `max_latency` the layers' times at each candidate come from ORT's profile of the model
 at that bit-width (onnxq.bits.latency_costs). A profile is a prediction: the chosen model is
-emitted and timed against the float model (its worst interleaved round, over
+emitted and timed against the float model (the highest p50 ratio of
 `LATENCY_CHECK_SESSIONS` timings with fresh sessions), and while it is over the budget the table's anchor
 is moved by the miss and the knapsack solved again (the measured damage reused), at most
 `LATENCY_SOLVES` times. Each (predicted, measured) pair goes to the report.
@@ -179,15 +179,15 @@ class _Candidates:
                                      state.timing_feed, self._timing())
 
     def latency_ratio(self, bits: dict[str, int]) -> float:
-        """The measured ratio to float of the model emitted with these bits: its highest round
-        ratio (`LatencyRatios.worst_ratios`) over LATENCY_CHECK_SESSIONS timings, each with
-        sessions of its own. A budget it meets then holds in every round, not only on the
-        median, and in more than one session: on 2 shared cores the same pair of PP-OCRv4
-        files measured 1.0 in one process and 1.08 in another."""
+        """The measured ratio to float of the model emitted with these bits: the highest p50
+        ratio of LATENCY_CHECK_SESSIONS timings, each with sessions of its own, so that a
+        budget it meets holds in more than one session (on 2 shared cores the same pair of
+        PP-OCRv4 files measured 1.0 in one process and 1.08 in another; the worst single round
+        of two timings, 1.28, made the budget unreachable)."""
         state = self.state
         chosen = self._emitted(bits)
         return max(latency_ratios(state.source or state.float_model, {"chosen": chosen}, state.timing_feed,
-                                  self._timing()).worst_ratios["chosen"]
+                                  self._timing()).ratios["chosen"]
                    for _ in range(LATENCY_CHECK_SESSIONS))
 
     def damage_of(self, bits: dict[str, int], feeds: range) -> tuple[float, int]:
