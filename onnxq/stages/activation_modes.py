@@ -286,8 +286,8 @@ class ActivationModes:
         tick(1)
         config = state.config
         candidates = {name: pooled for name, (pooled, _) in whole.items()}
-        trusted = {name for name, verdict in verdicts.items() if verdict.kept
-                   and _float_pays(name, {name: pooled for name, (pooled, _) in whole.items()})}
+        trusted = {name for name, verdict in verdicts.items()
+                   if verdict.kept and _float_pays(name, candidates)}
         chosen, why = choose(candidates, latency, config.mode_latency_slack, config.max_latency, trusted)
         report = ModeReport(config.sensitivity.value, len(probe.screen[0]), static, alone, candidates,
                             chosen, latency, why, len(probe.select[0]),
