@@ -5,7 +5,7 @@
     SizeMB(megabytes)      cost = bytes on disk         limit = megabytes * 10^6
     SizeRatio(ratio)       cost = bytes on disk         limit = ratio * the float file's bytes
     Bops(gbops)            cost = MACs * b * 8          limit = gbops * 10^9
-    MaxDrop(drop)          cost = stored b * elements         limit: found by measuring fidelity
+    MaxDrop(drop)          cost = stored b * elements  limit: found by measuring fidelity
                            (bisection over the average-bits limit; see onnxq.bits.allocation)
 
 Size budgets also count what no layer's bits change (activation scales, float tensors, the

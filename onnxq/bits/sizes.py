@@ -158,21 +158,24 @@ def layer_geometry(index: ModelIndex, plan: QuantPlan, spec: WeightQuant) -> Lay
                          len(spec.tensor.encode()))
 
 
-def stored_bits(geometry: LayerGeometry, bits: int, options: EmitOptions | None = None) -> int:
-    """Bits each code of a layer at `bits` takes in its container (3-bit codes: 4, in int4)."""
+def layer_storage(geometry: LayerGeometry, bits: int, options: EmitOptions | None = None) -> Storage:
+    """The container the emitter writes a layer's codes in at `bits`."""
     return weight_storage(geometry.op_type, geometry.weight_shape, geometry.axis,
                           IntRange(bits, geometry.signed), options or EmitOptions(),
-                          geometry.group_size(bits)).bits
+                          geometry.group_size(bits))
+
+
+def stored_bits(geometry: LayerGeometry, bits: int, options: EmitOptions | None = None) -> int:
+    """Bits each code of a layer at `bits` takes in its container (3-bit codes: 4, in int4)."""
+    return layer_storage(geometry, bits, options).bits
 
 
 def predict_layer_bytes(geometry: LayerGeometry, bits: int,
                         options: EmitOptions | None = None) -> int:
     """Payload bytes the emitter will write for a layer at `bits`."""
     options = options or EmitOptions()
-    grid = IntRange(bits, geometry.signed)
     group = geometry.group_size(bits)
-    storage = weight_storage(geometry.op_type, geometry.weight_shape, geometry.axis, grid, options,
-                             group)
+    storage = layer_storage(geometry, bits, options)
     asymmetric = geometry.asymmetric and bits < 8
     if group:
         return _predict_grouped_bytes(geometry, storage, group, asymmetric)

@@ -94,17 +94,9 @@ def timed_runs(session: ort.InferenceSession, feed: Feed, runs: int, warmup: int
 def alternating_p50_ms(opened: Sequence[ort.InferenceSession], feed: Feed, timing: Timing,
                        labels: Sequence[str] | None = None) -> list[float]:
     """p50 latency (ms) of each session over `timing.rounds` rounds that take the sessions in
-    turn (`alternating_times`)."""
-    return [float(np.median(np.concatenate(t))) * 1e3
-            for t in alternating_times(opened, feed, timing, labels)]
-
-
-def alternating_times(opened: Sequence[ort.InferenceSession], feed: Feed, timing: Timing,
-                      labels: Sequence[str] | None = None) -> list[list[np.ndarray]]:
-    """Seconds per run of each session, per round, over `timing.rounds` rounds that take the
-    sessions in turn (the warm-up runs once, in the first round). From the second round on, a
-    session runs enough times to fill `timing.min_round_ms` (at least `timing.runs`), judged by
-    its first round's median."""
+    turn (the warm-up runs once, in the first round). From the second round on, a session runs
+    enough times to fill `timing.min_round_ms` (at least `timing.runs`), judged by its first
+    round's median."""
     labels = labels or [f"model {index}" for index in range(len(opened))]
     times: list[list[np.ndarray]] = [[] for _ in opened]
     runs = [timing.runs] * len(opened)
@@ -114,7 +106,7 @@ def alternating_times(opened: Sequence[ort.InferenceSession], feed: Feed, timing
             times[index].append(timed_runs(session, feed, runs[index], warmup, labels[index]))
         if round_index == 0:
             runs = [runs_filling(timing, float(np.median(first[0]))) for first in times]
-    return times
+    return [float(np.median(np.concatenate(t))) * 1e3 for t in times]
 
 
 def runs_filling(timing: Timing, seconds_per_run: float) -> int:
