@@ -67,6 +67,15 @@ class FeedWeighting(enum.Enum):
     EQUAL = "equal"
 
 
+class SearchedScales(enum.Enum):
+    """Which scales the Evol-Q search moves: the activation groups' scales, one multiplier per
+    quantized weight (its codes kept: what the weight searcher chose stays), or both."""
+
+    ACTIVATIONS = "activations"
+    WEIGHTS = "weights"
+    BOTH = "both"
+
+
 class Strategy(enum.Enum):
     """How candidates are proposed: evolution (tournament selection, crossover, mutation with a
     shrinking step, elitism) or random sampling with the same number of evaluations (the
@@ -283,6 +292,8 @@ class EvolqConfig:
         feed_weighting: pooled (default) or equal: how the search loss weighs the search feeds
             (onnxq.config.FeedWeighting; equal runs the feeds one by one, and needs mse or kl).
         strategy: evolution, or random search with the same evaluations (ablation).
+        scales: what the search moves: activations (the groups' scales), weights (one
+            multiplier per quantized weight, codes kept) or both (onnxq.search.graph).
         search_feeds: calibration feeds the candidates are scored on.
         selection_feeds: other calibration feeds a block's best candidate must also improve
             on to be kept: their pooled loss and the own loss of a strict majority of them
@@ -304,6 +315,7 @@ class EvolqConfig:
     scope: LossScope = LossScope.GLOBAL
     feed_weighting: FeedWeighting = FeedWeighting.POOLED
     strategy: Strategy = Strategy.EVOLUTION
+    scales: SearchedScales = SearchedScales.ACTIVATIONS
     search_feeds: int = 48
     selection_feeds: int = 16
     min_block_groups: int = 2
@@ -311,7 +323,7 @@ class EvolqConfig:
 
     def __post_init__(self) -> None:
         for name, enum_type in (("loss", DamageMeasure), ("scope", LossScope), ("strategy", Strategy),
-                                ("feed_weighting", FeedWeighting)):
+                                ("feed_weighting", FeedWeighting), ("scales", SearchedScales)):
             object.__setattr__(self, name, _enum_value(f"evolq {name}", enum_type, getattr(self, name)))
         if self.feed_weighting is FeedWeighting.EQUAL and self.loss is DamageMeasure.INFONCE:
             raise ConfigError("evolq feed_weighting = equal needs loss mse or kl (infoNCE contrasts "

@@ -12,18 +12,18 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
-from graphs import small_cnn, small_cnn_feeds
+from graphs import small_cnn, small_cnn_feeds, tiny_attention
 from onnxq import model_io
 from onnxq.api import stages_for
 from onnxq.config import EvolqConfig, QuantConfig, ScaleSearch, config_from_dict
 from onnxq.data import open_calibration
-from onnxq.emit import emit
+from onnxq.emit import emit, emit_options
 from onnxq.errors import ConfigError
 from onnxq.report.card import card_markdown, quantization_card
 from onnxq.scoring.executor import Shared
 from onnxq.search.blocks import partition
 from onnxq.search.evolution import EvolutionSettings, SearchResult, evolve, random_search
-from onnxq.search.graph import BLOCK_INPUT, lift_activation_scales, suffix_model, with_outputs
+from onnxq.search.graph import BLOCK_INPUT, lift_scales, suffix_model, with_outputs
 from onnxq.search.keep import decide, relative_changes
 from onnxq.search.worker import candidate_scales, score_candidate
 from onnxq.stages.evolq import EvolqSearch, _BlockRunner, bias_sources, with_scales
@@ -38,9 +38,9 @@ def _unfused(model) -> ort.InferenceSession:
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def _calibrated(config: QuantConfig, feeds):
+def _calibrated(config: QuantConfig, feeds, model=None):
     """A state after every stage before emit (ranges, weights, bias)."""
-    state = load_state(small_cnn(), feeds, config)
+    state = load_state(model if model is not None else small_cnn(), feeds, config)
     prepare_state(state)
     run_stages(state, [s for s in stages_for(state) if s.name not in ("evolq", "emit", "verify")])
     return state
@@ -68,7 +68,7 @@ def test_evolution_finds_a_known_optimum_and_beats_random_search():
 def test_a_lifted_scale_changes_the_output_as_the_emitted_model_with_that_scale():
     feeds = small_cnn_feeds(12)
     state = _calibrated(QuantConfig(holdout=2), feeds)
-    lifted = lift_activation_scales(emit(state.model, state.plan, state.qparams), state.plan,
+    lifted = lift_scales(emit(state.model, state.plan, state.qparams), state.plan,
                                     bias_sources(state))
     assert set(lifted.inputs) == {g.stats_tensor for g in state.plan.activation_groups}
     group = state.plan.activation_groups[1].stats_tensor
@@ -88,10 +88,50 @@ def test_a_lifted_scale_changes_the_output_as_the_emitted_model_with_that_scale(
         np.testing.assert_array_equal(at_moved, emitted.run(None, feed)[0])
 
 
+def _attention_feeds(count: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    return [{"x": rng.normal(0, 1, (1, 6, 16)).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.mark.parametrize(("options", "attention"), [
+    (dict(), False), (dict(weight_bits=4, short_row_bits=0, weight_group_size=0), False),
+    (dict(weight_bits=4, short_row_bits=0, weight_method="comq"), False),
+    (dict(weight_bits=4, short_row_bits=0, weight_group_size=16), True)],
+    ids=["w8", "w4-per-channel", "w4-comq-groups", "w4-matmulnbits"])
+def test_a_lifted_weight_multiplier_changes_the_output_as_the_emitted_model(options, attention):
+    """Each weight's multiplier (codes kept) moves the search graph's output exactly as the model
+    emitted with that weight's scales times it, its int32 bias re-rounded: 8 bits, 4 bits per
+    channel and per group (blocked DequantizeLinear); a MatMulNBits' output within float rounding."""
+    feeds = _attention_feeds(12) if attention else small_cnn_feeds(12)
+    state = _calibrated(QuantConfig(holdout=2, **options), feeds, tiny_attention() if attention else None)
+    layout = emit_options(state.config)
+    quantized = emit(state.model, state.plan, state.qparams, layout)
+    assert any(node.op_type == "MatMulNBits" for node in quantized.graph) == attention
+    lifted = lift_scales(quantized, state.plan, bias_sources(state), state.plan.weights)
+    lifted_tensors = sorted(spec.tensor for spec in lifted.weights.values())
+    assert lifted_tensors == sorted(w.tensor for w in state.plan.weights)
+    session = _unfused(lifted.model)
+    defaults = {lifted.inputs[k]: v for k, v in lifted.defaults.items()}
+    original = _unfused(emit(state.model, state.plan, state.qparams, layout))
+    for key in lifted.weights:
+        multiplier = np.asarray(1.07, np.float32)
+        emitted = _unfused(emit(state.model, state.plan, with_scales(state.qparams, {key: multiplier},
+                                                                      lifted.weights), layout))
+        for feed in feeds[:3]:
+            at_default = session.run(None, {**feed, **defaults})[0]
+            np.testing.assert_array_equal(at_default, original.run(None, feed)[0])
+            at_moved = session.run(None, {**feed, **defaults, lifted.inputs[key]: multiplier})[0]
+            assert not np.allclose(at_moved, at_default, atol=1e-6)
+            if attention:  # MatMulNBits: its output times m, equal up to float rounding
+                np.testing.assert_allclose(at_moved, emitted.run(None, feed)[0], rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(at_moved, emitted.run(None, feed)[0])
+
+
 def test_a_suffix_from_a_cached_block_input_gives_the_whole_model_outputs():
     feeds = small_cnn_feeds(12)
     state = _calibrated(QuantConfig(holdout=2), feeds)
-    lifted = lift_activation_scales(emit(state.model, state.plan, state.qparams), state.plan)
+    lifted = lift_scales(emit(state.model, state.plan, state.qparams), state.plan)
     blocks = partition(state.model, state.plan, min_groups=1, max_blocks=8)
     assert len(blocks) >= 2 and blocks[0].input is None
     planned = sorted(g.stats_tensor for g in state.plan.activation_groups)
@@ -174,7 +214,7 @@ def test_keep_rule_rejects_a_block_that_helps_an_outlier_feed_and_hurts_most():
     state = _calibrated(QuantConfig(holdout=2, search=ScaleSearch.EVOLQ), small_cnn_feeds(24))
     selection = small_cnn_feeds(8, seed=5)
     selection[0] = {"x": selection[0]["x"] * 4}
-    lifted = lift_activation_scales(emit(state.model, state.plan, state.qparams), state.plan,
+    lifted = lift_scales(emit(state.model, state.plan, state.qparams), state.plan,
                                     bias_sources(state))
     block = partition(state.model, state.plan, 1, 1)[0]  # one block: every activation group
     block = dataclasses.replace(block, groups=tuple(g for g in block.groups if g in lifted.inputs))
@@ -202,7 +242,7 @@ def test_search_loss_weighs_feeds_as_configured(weighting):
     state = _calibrated(config, small_cnn_feeds(24))
     search = small_cnn_feeds(6, seed=5)
     search[0] = {"x": search[0]["x"] * 3}
-    lifted = lift_activation_scales(emit(state.model, state.plan, state.qparams), state.plan,
+    lifted = lift_scales(emit(state.model, state.plan, state.qparams), state.plan,
                                     bias_sources(state))
     block = partition(state.model, state.plan, 1, 1)[0]
     block = dataclasses.replace(block, groups=tuple(g for g in block.groups if g in lifted.inputs))

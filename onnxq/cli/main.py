@@ -38,6 +38,7 @@ from onnxq.config import (
     PerTensor,
     QuantConfig,
     ScaleSearch,
+    SearchedScales,
     WeightMethod,
     load_config,
     parse_group_size,
@@ -186,6 +187,9 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="Candidate evaluations of the whole scale search [default: 240].")
 @click.option("--search-loss", type=click.Choice([m.value for m in DamageMeasure]), default=None,
               help="Loss of the scale search on the model outputs [default: mse].")
+@click.option("--search-scales", type=click.Choice([s.value for s in SearchedScales]), default=None,
+              help="What the scale search moves: activation scales, one multiplier per weight "
+                   "(codes kept), or both [default: activations].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes that score search candidates [default: 1, this process].")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
@@ -210,7 +214,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
                      no_smooth: bool | None, no_equalize: bool | None, no_bias_correction: bool | None,
                      config_file: Path | None, holdout: int | None, max_feeds: int | None,
                      min_cosine: float | None, seed: int | None, search: str | None,
-                     search_budget: int | None, search_loss: str | None, workers: int | None,
+                     search_budget: int | None, search_loss: str | None, search_scales: str | None,
+                     workers: int | None,
                      executor: str | None, provider: str | None, as_json: bool, quiet: bool) -> None:
     """Quantize the float ONNX model IN to an int8 QDQ model written to OUT.
 
@@ -248,8 +253,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
         bias_correction=False if no_bias_correction else None,
         holdout=holdout, max_feeds=max_feeds, min_cosine=min_cosine, seed=seed, search=search,
         workers=workers, executor=executor, provider=provider)
-    evolq = {key: value for key, value in (("budget", search_budget), ("loss", search_loss))
-             if value is not None}
+    evolq = {key: value for key, value in (("budget", search_budget), ("loss", search_loss),
+                                           ("scales", search_scales)) if value is not None}
     if evolq:
         config = config.replace(evolq=dataclasses.replace(config.evolq, **evolq))
     result = _run_with_progress(input_path, calib, config, show=not quiet and not as_json)

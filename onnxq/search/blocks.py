@@ -10,7 +10,9 @@ names:
 
 A block is the activation groups produced from one cut to the next (a group belongs where its
 tensor is produced; the group of a cut tensor itself starts the block after the cut, since its
-Q/DQ pair sits after it). Blocks too small are merged forward to `min_groups`, then neighbours
+Q/DQ pair sits after it), and the weights of the layers computed there when weights are searched
+too (a weight belongs where its layer runs). Blocks too small are merged forward to `min_groups`
+searched scales, then neighbours
 are merged until at most `max_blocks` remain. A block's *input* is its cut tensor (None for the
 first block: the graph inputs); a candidate runs from there, its block and everything after
 it (global loss), or to the next cut (local loss).
@@ -18,6 +20,7 @@ it (global loss), or to the next cut (local loss).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -69,17 +72,21 @@ def _is_integer(value: ir.Value) -> bool:
     return value.dtype is not None and not value.dtype.is_floating_point()
 
 
-def partition(model: ir.Model, plan: QuantPlan, min_groups: int, max_blocks: int) -> list[Block]:
-    """The plan's activation groups in blocks between cuts, in topological order."""
+def partition(model: ir.Model, plan: QuantPlan, min_groups: int, max_blocks: int,
+              layers: Mapping[str, str] | None = None) -> list[Block]:
+    """The plan's activation groups in blocks between cuts, in topological order; `layers`
+    (key -> node name) adds other searched scales by where their node runs (weights)."""
     produced_at = {value.name: i for i, node in enumerate(model.graph) for value in node.outputs}
+    node_at = {node.name: i for i, node in enumerate(model.graph)}
     activations = frozenset(tensor for group in plan.activation_groups for tensor in group.tensors)
     cuts = sorted((position, name) for name, position in cut_positions(model.graph, activations).items())
     starts = [(-1, None), *cuts]  # (position, input tensor) of each segment
     segments: list[list[str]] = [[] for _ in starts]
-    for group in plan.activation_groups:
-        position = produced_at.get(group.tensors[0], -1)
+    placed = [(produced_at.get(group.tensors[0], -1), group.stats_tensor) for group in plan.activation_groups]
+    placed += [(node_at.get(node, -1), key) for key, node in (layers or {}).items()]
+    for position, key in placed:
         segment = max(i for i, (start, _) in enumerate(starts) if start <= position)
-        segments[segment].append(group.stats_tensor)
+        segments[segment].append(key)
     merged: list[tuple[str | None, list[str]]] = []
     pending_input, pending = starts[0][1], []
     for (_, tensor), groups in zip(starts, segments, strict=True):

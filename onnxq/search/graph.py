@@ -1,8 +1,19 @@
-"""The search graph: activation scales as graph inputs, and the part of the graph a candidate
-runs.
+"""The search graph: activation scales and weight-scale multipliers as graph inputs, and the
+part of the graph a candidate runs.
 
     x -> Q(x, s_g, z) -> DQ(., s_g, z) -> ...      becomes      s_g a graph input (one per group,
                                                                  read by all its Q and DQ nodes)
+    DQ(codes, s_w, z_w) -> Conv                    becomes      DQ(codes, s_w * m_w, z_w), m_w a
+                                                                 scalar graph input (1 at first)
+
+    MatMulNBits(x, B, s_w) -> y                    becomes      MatMulNBits(x, B, s_w) * m_w
+
+A weight keeps its integer codes: m_w rescales all its scales at once (per channel or per group),
+so what a weight searcher (COMQ, round to nearest, any bits) chose stays, and only the layer's
+gain moves. A DequantizeLinear's scale is multiplied in the graph, so a candidate scores exactly
+the model the emitter writes with scales s_w m_w. A MatMulNBits or GatherBlockQuantized output is
+multiplied instead (the same up to float rounding): ORT's MatMulNBits with int8 compute gives
+wrong results when its `scales` input is not a constant.
 
 A bias read by a layer whose input scale is lifted is int32 with scale s_x * s_w, so the emitter
 re-rounds it whenever s_x moves; the search graph computes that rounding from the lifted input,
@@ -26,15 +37,15 @@ emitted model is left as it is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxq import model_io, numerics
-from onnxq.plan import BiasQuant, QuantPlan
+from onnxq.plan import BiasQuant, QuantPlan, WeightQuant
 
 BLOCK_INPUT = "onnxq_block_input"
 
@@ -47,6 +58,16 @@ class LiftedScales:
     model: ir.Model
     inputs: dict[str, str]
     defaults: dict[str, np.ndarray]
+    weights: dict[str, WeightQuant] = field(default_factory=dict)  # weight key -> its spec
+
+
+WEIGHT_KEY = "onnxq_weight:"  # prefix of a weight multiplier's key (the weight tensor follows)
+WEIGHT_SCALE_READERS = ("MatMulNBits", "GatherBlockQuantized")  # scaled on their output
+
+
+def weight_key(spec: WeightQuant) -> str:
+    """The key of a weight's multiplier among the searched scales."""
+    return f"{WEIGHT_KEY}{spec.tensor}"
 
 
 @dataclass(frozen=True)
@@ -57,11 +78,12 @@ class BiasSource:
     weight_scale: np.ndarray
 
 
-def lift_activation_scales(quantized: ir.Model, plan: QuantPlan,
-                           biases: Mapping[BiasQuant, BiasSource] | None = None) -> LiftedScales:
+def lift_scales(quantized: ir.Model, plan: QuantPlan, biases: Mapping[BiasQuant, BiasSource] | None = None,
+                weights: Collection[WeightQuant] = ()) -> LiftedScales:
     """Lift the scale of every activation group that has a QuantizeLinear in `quantized` (a
-    group read only by MatMulNBits layers has none); the biases in `biases` whose input scale
-    is lifted are rounded from it in the graph."""
+    group read only by MatMulNBits layers has none) and a multiplier of each weight in `weights`
+    whose scale a DequantizeLinear, MatMulNBits or GatherBlockQuantized reads; the biases in
+    `biases` whose input scale or weight is lifted are rounded from them in the graph."""
     model = _copy(quantized)
     quantize_of = {node.inputs[0].name: node for node in model.graph
                    if node.op_type == "QuantizeLinear" and node.inputs[0] is not None}
@@ -81,23 +103,79 @@ def lift_activation_scales(quantized: ir.Model, plan: QuantPlan,
         inputs[group.stats_tensor], defaults[group.stats_tensor] = name, array
     values = _values_by_name(model.graph)
     nodes = {node.name: node for node in model.graph}
+    int32_biases = {spec.weight: spec for spec in (biases or {})
+                    if _bias_dequantized(nodes.get(spec.node), spec.input_index)}
+    lifted_weights = {}
+    for number, spec in enumerate(weights):
+        bias = int32_biases.get(spec.tensor)
+        if bias is not None and plan.group_of(bias.activation).stats_tensor not in inputs:
+            continue  # its int32 bias would need the input scale as a constant: left out
+        if _lift_weight_scale(model.graph, nodes.get(spec.node), spec, f"onnxq_weight_scale{number}"):
+            key = weight_key(spec)
+            inputs[key], defaults[key] = f"onnxq_weight_scale{number}", np.ones((), np.float32)
+            lifted_weights[key] = spec
+    values = _values_by_name(model.graph)
     for spec, source in (biases or {}).items():
         group = plan.group_of(spec.activation)
-        node = nodes.get(spec.node)
-        current = node.inputs[spec.input_index] if node is not None and len(node.inputs) > spec.input_index \
-            else None
-        emitted = current is not None and current.producer() is not None \
-            and current.producer().op_type == "DequantizeLinear"
-        if group.stats_tensor in inputs and emitted:
-            _round_bias_in_graph(model.graph, node, spec.input_index,
-                                 values[inputs[group.stats_tensor]], source)
+        multiplier = inputs.get(f"{WEIGHT_KEY}{spec.weight}")
+        if spec.weight in int32_biases and (group.stats_tensor in inputs or multiplier is not None):
+            _round_bias_in_graph(model.graph, nodes[spec.node], spec.input_index,
+                                 values[inputs[group.stats_tensor]], source,
+                                 values[multiplier] if multiplier is not None else None)
     RemoveUnusedNodesPass()(model)
-    return LiftedScales(model, inputs, defaults)
+    return LiftedScales(model, inputs, defaults, lifted_weights)
+
+
+def _bias_dequantized(node: ir.Node | None, index: int) -> bool:
+    """Whether `node`'s input `index` is an emitted int32 bias (a DequantizeLinear's output)."""
+    current = node.inputs[index] if node is not None and len(node.inputs) > index else None
+    return current is not None and current.producer() is not None \
+        and current.producer().op_type == "DequantizeLinear"
+
+
+def _lift_weight_scale(graph: ir.Graph, node: ir.Node | None, spec: WeightQuant, name: str) -> bool:
+    """Multiply what `spec`'s codes are read with by a new scalar graph input `name`: the
+    constant scale of its DequantizeLinear, or the output of a MatMulNBits / GatherBlockQuantized
+    (linear in its scales; ORT 1.32's MatMulNBits at accuracy level 4 computes wrong results when
+    its `scales` input is not a constant). False where there is nothing to scale (a dynamic
+    layer's weight, a MatMulNBits with its bias inside)."""
+    if node is None:
+        return False
+    multiplier = ir.Value(name=name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+    if node.op_type in WEIGHT_SCALE_READERS:
+        if len(node.inputs) > 5 and node.inputs[5] is not None:
+            return False
+        graph.inputs.append(multiplier)
+        output = node.outputs[0]
+        scaled = ir.Node("", "Mul", [output, multiplier], outputs=[ir.Value(name=f"{name}_scaled")],
+                         name=f"{name}_mul")
+        graph.insert_after(node, scaled)
+        output.replace_all_uses_with(scaled.outputs[0])
+        scaled.replace_input_with(0, output)
+        if output in graph.outputs:
+            graph.outputs[graph.outputs.index(output)] = scaled.outputs[0]
+            scaled.outputs[0].name, output.name = output.name, f"{name}_unscaled"
+        return True
+    value = node.inputs[spec.input_index] if len(node.inputs) > spec.input_index else None
+    while value is not None and value.producer() is not None \
+            and value.producer().op_type in ("Reshape", "Transpose"):
+        value = value.producer().inputs[0]
+    reader = value.producer() if value is not None else None
+    scale = reader.inputs[1] if reader is not None and reader.op_type == "DequantizeLinear" else None
+    if scale is None or scale.const_value is None:
+        return False
+    graph.inputs.append(multiplier)
+    scaled = ir.Node("", "Mul", [scale, multiplier], outputs=[ir.Value(name=f"{name}_scaled")],
+                     name=f"{name}_mul")
+    graph.insert_before(reader, scaled)
+    reader.replace_input_with(1, scaled.outputs[0])
+    return True
 
 
 def _round_bias_in_graph(graph: ir.Graph, node: ir.Node, index: int, input_scale: ir.Value,
-                         source: BiasSource) -> None:
-    """node's bias input <- the emitter's int32 rounding of `source` at scale input_scale s_w."""
+                         source: BiasSource, weight_multiplier: ir.Value | None = None) -> None:
+    """node's bias input <- the emitter's int32 rounding of `source` at scale input_scale s_w
+    (s_w times the weight's lifted multiplier, when it has one)."""
     def constant(suffix: str, array: np.ndarray) -> ir.Value:
         value = ir.Value(name=f"{node.name}_bias_{suffix}", const_value=ir.tensor(array))
         graph.register_initializer(value)
@@ -110,8 +188,10 @@ def _round_bias_in_graph(graph: ir.Graph, node: ir.Node, index: int, input_scale
         return created.outputs[0]
 
     made: list[ir.Node] = []
-    weight_scale = np.asarray(source.weight_scale, np.float32).reshape(-1)
-    scale = op("Max", op("Mul", input_scale, constant("ws", weight_scale)),
+    weight_scale = constant("ws", np.asarray(source.weight_scale, np.float32).reshape(-1))
+    if weight_multiplier is not None:
+        weight_scale = op("Mul", weight_scale, weight_multiplier)
+    scale = op("Max", op("Mul", input_scale, weight_scale),
                constant("min", np.float32(numerics.MIN_SCALE)))
     codes = op("Round", op("Div", constant("b", source.bias.astype(np.float32)), scale))
     clipped = op("Clip", codes, constant("lo", np.float32(numerics.INT32.qmin)),

@@ -39,10 +39,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import model_io
-from onnxq.config import FeedWeighting, LossScope, ScaleSearch, Strategy
+from onnxq.config import FeedWeighting, LossScope, ScaleSearch, SearchedScales, Strategy
 from onnxq.data import Feed
 from onnxq.emit import emit, emit_options
-from onnxq.plan import BiasQuant
+from onnxq.plan import BiasQuant, WeightQuant
 from onnxq.qparams import QParams
 from onnxq.scoring.executor import Shared, WorkerPool, open_pool, threads_per_worker
 from onnxq.scoring.scorer import batch_feeds
@@ -53,7 +53,7 @@ from onnxq.search.graph import (
     BLOCK_INPUT,
     BiasSource,
     LiftedScales,
-    lift_activation_scales,
+    lift_scales,
     suffix_model,
     with_outputs,
 )
@@ -127,11 +127,7 @@ class EvolqSearch:
         start = time.perf_counter()
         settings = state.config.evolq
         search, selection = _split(state, settings.search_feeds, settings.selection_feeds)
-        quantized = emit(state.model, state.plan, state.qparams, emit_options(state.config))
-        lifted = lift_activation_scales(quantized, state.plan, bias_sources(state))
-        blocks = [dataclasses.replace(b, groups=tuple(g for g in b.groups if g in lifted.inputs))
-                  for b in partition(state.model, state.plan, settings.min_block_groups, settings.max_blocks)]
-        blocks = [b for b in blocks if b.groups]
+        lifted, blocks = lifted_blocks(state)
         runner = _BlockRunner(state, lifted, blocks, search, selection)
         per_block = max(settings.population, settings.budget // max(len(blocks) * settings.passes, 1))
         progress = state.stage_progress(self.name, len(blocks) * settings.passes)
@@ -144,7 +140,7 @@ class EvolqSearch:
                     if progress is not None:
                         progress(1)
         release_worker()  # the last block's session, when it was scored in this process
-        searched = with_scales(state.qparams, runner.current)
+        searched = with_scales(state.qparams, runner.current, lifted.weights)
         acceptance = accept(state, searched) if any(r.kept for r in reports) else None
         if acceptance is None or acceptance.accepted:
             state.qparams = searched
@@ -155,15 +151,39 @@ class EvolqSearch:
             len(search), len(selection), tuple(reports), time.perf_counter() - start, acceptance)
 
 
-def with_scales(qparams: QParams, scales: dict[str, np.ndarray]) -> QParams:
-    """A copy of `qparams` whose activation groups have the given scales (ranges moved with)."""
-    activations = dict(qparams.activations)
-    for group, scale in scales.items():
-        params = activations[group]
+def lifted_blocks(state: QuantState) -> tuple[LiftedScales, list[Block]]:
+    """The search model of the state's emitted model (the scales `[evolq] scales` names lifted
+    to inputs) and its blocks, each holding only lifted scales."""
+    settings = state.config.evolq
+    quantized = emit(state.model, state.plan, state.qparams, emit_options(state.config))
+    weights = [spec for spec in state.plan.weights if spec in state.qparams.weights] \
+        if settings.scales is not SearchedScales.ACTIVATIONS else []
+    lifted = lift_scales(quantized, state.plan, bias_sources(state), weights)
+    # every lifted scale is fed; a block moves only the kinds the settings name
+    searched = set(lifted.weights) if settings.scales is SearchedScales.WEIGHTS else set(lifted.inputs)
+    layers = {key: spec.node for key, spec in lifted.weights.items()}
+    blocks = [dataclasses.replace(b, groups=tuple(g for g in b.groups if g in searched))
+              for b in partition(state.model, state.plan, settings.min_block_groups, settings.max_blocks,
+                                 layers)]
+    return lifted, [b for b in blocks if b.groups]
+
+
+def with_scales(qparams: QParams, scales: dict[str, np.ndarray],
+                weights: dict[str, WeightQuant] | None = None) -> QParams:
+    """A copy of `qparams` whose activation groups have the given scales (ranges moved with) and
+    whose weights in `weights` (key -> spec) have their scales times the given multiplier."""
+    activations, weight_params = dict(qparams.activations), dict(qparams.weights)
+    for key, scale in scales.items():
+        if weights and key in weights:
+            params = weight_params[weights[key]]
+            moved = (np.asarray(params.scale, np.float32) * np.float32(scale)).astype(np.float32)
+            weight_params[weights[key]] = dataclasses.replace(params, scale=moved)
+            continue
+        params = activations[key]
         factor = float(scale) / float(params.scale)
-        activations[group] = dataclasses.replace(params, scale=np.float32(scale), lo=params.lo * factor,
-                                                 hi=params.hi * factor)
-    return dataclasses.replace(qparams, activations=activations)
+        activations[key] = dataclasses.replace(params, scale=np.float32(scale), lo=params.lo * factor,
+                                               hi=params.hi * factor)
+    return dataclasses.replace(qparams, activations=activations, weights=weight_params)
 
 
 def accept(state: QuantState, searched: QParams) -> Acceptance:
