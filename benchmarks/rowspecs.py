@@ -87,6 +87,12 @@ ROWS: tuple[RowSpec, ...] = (
               _options(**options, search="evolq", evolq={"feed_weighting": "equal"}),
               models=ABLATION_MODELS | {"efficientnet_lite0"})
       for base, options in (("", {}), ("W4A8 comq + ", {"weight_bits": 4, "weight_method": "comq"}))),
+    # What the search moves: activation scales (default), a multiplier per weight (codes kept),
+    # or both; at W8A8 and on COMQ's W4A8.
+    *(RowSpec(f"onnxq {base}evolq {scales} scales", "onnxq", "onnxq",
+              _options(**options, search="evolq", evolq={"scales": scales}))
+      for scales in ("weights", "both")
+      for base, options in (("", {}), ("W4A8 comq + ", {"weight_bits": 4, "weight_method": "comq"}))),
     # Channel equalization of Conv activations (on by default) switched off, and without the
     # dense Convs' share: what each part of it does.
     RowSpec("onnxq no equalize", "onnxq", "onnxq", _options(equalize=False)),

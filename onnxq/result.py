@@ -112,8 +112,9 @@ class QuantResult:
                     "uniform_damage": self.allocation.uniform.uniform_damage,
                     "uniform_chosen": self.allocation.uniform.uniform_chosen}},
             "search": None if self.search is None else {
-                "method": "evolq", "loss": self.search.loss, "scope": self.search.scope,
-                "evaluations": self.search.evaluations, "blocks": len(self.search.blocks),
+                "method": "evolq", "scales": self.search.scales, "loss": self.search.loss,
+                "scope": self.search.scope, "evaluations": self.search.evaluations,
+                "blocks": len(self.search.blocks),
                 "blocks_kept": sum(b.kept for b in self.search.blocks),
                 "acceptance": None if self.search.acceptance is None else {
                     "accepted": self.search.acceptance.accepted, "reason": self.search.acceptance.reason}},

@@ -178,6 +178,32 @@ def test_search_undoes_a_spoiled_scale_and_keeps_only_what_selection_confirms():
     assert report.evaluations <= 160 + 8 * len(report.blocks)
 
 
+def test_weight_search_undoes_a_spoiled_weight_scale():
+    """A weight's scales all 1.25x too large (its codes kept): a search of the weight multipliers
+    alone wins back 99% of the loss it cost, and writes the moved scales with the same codes."""
+    feeds = small_cnn_feeds(48)
+    config = QuantConfig(holdout=4, search=ScaleSearch.EVOLQ,
+                         evolq=EvolqConfig(budget=320, loss="mse", search_feeds=24, selection_feeds=12,
+                                           sigma=0.1, final_sigma=0.005, scales="weights", max_blocks=1))
+    calibrated = _calibrated(config, feeds)
+    spec = next(w for w in calibrated.plan.weights if w.node == "conv2")
+    state = _calibrated(config, feeds)
+    spoiled = state.qparams.weights[spec]
+    state.qparams.weights[spec] = dataclasses.replace(spoiled, scale=spoiled.scale * np.float32(1.25))
+    EvolqSearch().run(state)
+    report = state.reports["search"]
+    (block,) = report.blocks
+    assert report.scales == "weights" and len(block.groups) == len(state.plan.weights)
+    EvolqSearch().run(calibrated)
+    calibrated_loss = calibrated.reports["search"].blocks[0].loss_before
+    assert block.loss_before > 100 * calibrated_loss  # the spoil costs loss ...
+    assert block.kept and block.loss_after - calibrated_loss < 0.01 * (block.loss_before - calibrated_loss)
+    assert report.acceptance.accepted  # the held-out feeds find it closer to float too
+    ratio = state.qparams.weights[spec].scale / calibrated.qparams.weights[spec].scale
+    np.testing.assert_allclose(ratio, 1, atol=0.05)  # moved back to the calibrated scale
+    assert state.qparams.weights[spec].codes is spoiled.codes  # codes kept
+
+
 def test_same_seed_gives_a_byte_identical_model():
     feeds = small_cnn_feeds(40)
     config = QuantConfig(search=ScaleSearch.EVOLQ, evolq=EvolqConfig(budget=40, search_feeds=16,

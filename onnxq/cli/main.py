@@ -310,7 +310,8 @@ def _print_summary(summary: dict) -> None:
             console.print(f"  max_latency: predicted {predicted:.2f}x float, measured {measured:.2f}x")
     if summary["search"]:
         search = summary["search"]
-        console.print(f"  scale search (evolq, {search['loss']} loss, {search['scope']}): "
+        console.print(f"  scale search (evolq, {search['scales']} scales, {search['loss']} loss, "
+                      f"{search['scope']}): "
                       f"{search['evaluations']} evaluations, {search['blocks_kept']} of "
                       f"{search['blocks']} blocks changed")
         if search["acceptance"]:

@@ -107,6 +107,7 @@ class SearchReport:
     blocks: tuple[BlockReport, ...]
     seconds: float
     acceptance: Acceptance | None = None
+    scales: str = "activations"
 
     @property
     def evaluations(self) -> int:
@@ -148,7 +149,8 @@ class EvolqSearch:
             logger.info("search rejected: %s", acceptance.reason)
         state.reports["search"] = SearchReport(
             settings.loss.value, settings.scope.value, settings.strategy.value, state.config.seed,
-            len(search), len(selection), tuple(reports), time.perf_counter() - start, acceptance)
+            len(search), len(selection), tuple(reports), time.perf_counter() - start, acceptance,
+            settings.scales.value)
 
 
 def lifted_blocks(state: QuantState) -> tuple[LiftedScales, list[Block]]:
