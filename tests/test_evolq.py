@@ -361,6 +361,7 @@ def test_search_works_on_top_of_any_weight_searcher_and_leaves_the_weights(weigh
     ({"evolq": {"elite": 8}}, "elite must be in"),
     ({"evolq": {"feed_weighting": "loudest"}}, "evolq feed_weighting = 'loudest' is not one of"),
     ({"evolq": {"feed_weighting": "equal", "loss": "infonce"}}, "needs loss mse or kl"),
+    ({"evolq": {"scales": "biases"}}, "evolq scales = 'biases' is not one of: activations, weights, both"),
     ({"search": "genetic"}, "search = 'genetic' is not one of: none, evolq"),
     ({"workers": 0}, "workers must be an integer >= 1"),
     ({"executor": "slurm"}, "executor must be local or ray"),
@@ -373,7 +374,7 @@ def test_bad_search_options_are_config_errors(table, message):
 
 @pytest.mark.parametrize("flags", [
     ["--search", "bogus"], ["--search-budget", "0"], ["--workers", "0"], ["--executor", "nope"],
-    ["--provider", "cuda"],
+    ["--provider", "cuda"], ["--search-scales", "biases"],
 ])
 def test_bad_search_flags_are_one_line_errors(tmp_path, flags):
     model, calib = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
