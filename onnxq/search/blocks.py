@@ -83,7 +83,8 @@ def partition(model: ir.Model, plan: QuantPlan, min_groups: int, max_blocks: int
     starts = [(-1, None), *cuts]  # (position, input tensor) of each segment
     segments: list[list[str]] = [[] for _ in starts]
     placed = [(produced_at.get(group.tensors[0], -1), group.stats_tensor) for group in plan.activation_groups]
-    placed += [(node_at.get(node, -1), key) for key, node in (layers or {}).items()]
+    # a layer producing a cut tensor runs before the cut: its weight belongs to the block before
+    placed += [(node_at.get(node, 0) - 0.5, key) for key, node in (layers or {}).items()]
     for position, key in placed:
         segment = max(i for i, (start, _) in enumerate(starts) if start <= position)
         segments[segment].append(key)
