@@ -294,6 +294,8 @@ class EvolqConfig:
         strategy: evolution, or random search with the same evaluations (ablation).
         scales: what the search moves: activations (the groups' scales), weights (one
             multiplier per quantized weight, codes kept) or both (onnxq.search.graph).
+        weight_sigma: the mutation step of a weight's log-multiplier (sigma is the activation
+            scales'; a weight's step keeps their ratio when sigma shrinks).
         search_feeds: calibration feeds the candidates are scored on.
         selection_feeds: other calibration feeds a block's best candidate must also improve
             on to be kept: their pooled loss and the own loss of a strict majority of them
@@ -316,6 +318,7 @@ class EvolqConfig:
     feed_weighting: FeedWeighting = FeedWeighting.POOLED
     strategy: Strategy = Strategy.EVOLUTION
     scales: SearchedScales = SearchedScales.ACTIVATIONS
+    weight_sigma: float = 0.01
     search_feeds: int = 48
     selection_feeds: int = 16
     min_block_groups: int = 2
@@ -336,6 +339,8 @@ class EvolqConfig:
             raise ConfigError(f"evolq elite must be in [0, population), got {self.elite}")
         if self.selection_feeds < 0:
             raise ConfigError(f"evolq selection_feeds must be >= 0, got {self.selection_feeds}")
+        if not 0 < self.weight_sigma <= 1:
+            raise ConfigError(f"evolq weight_sigma must be in (0, 1], got {self.weight_sigma}")
         if not 0 < self.final_sigma <= self.sigma <= 1:
             raise ConfigError(f"evolq needs 0 < final_sigma <= sigma <= 1, got {self.final_sigma}, "
                               f"{self.sigma}")

@@ -184,7 +184,8 @@ def test_weight_search_undoes_a_spoiled_weight_scale():
     feeds = small_cnn_feeds(48)
     config = QuantConfig(holdout=4, search=ScaleSearch.EVOLQ,
                          evolq=EvolqConfig(budget=320, loss="mse", search_feeds=24, selection_feeds=12,
-                                           sigma=0.1, final_sigma=0.005, scales="weights", max_blocks=1))
+                                           sigma=0.1, final_sigma=0.005, weight_sigma=0.1, scales="weights",
+                                           max_blocks=1))
     calibrated = _calibrated(config, feeds)
     spec = next(w for w in calibrated.plan.weights if w.node == "conv2")
     state = _calibrated(config, feeds)
@@ -362,6 +363,7 @@ def test_search_works_on_top_of_any_weight_searcher_and_leaves_the_weights(weigh
     ({"evolq": {"feed_weighting": "loudest"}}, "evolq feed_weighting = 'loudest' is not one of"),
     ({"evolq": {"feed_weighting": "equal", "loss": "infonce"}}, "needs loss mse or kl"),
     ({"evolq": {"scales": "biases"}}, "evolq scales = 'biases' is not one of: activations, weights, both"),
+    ({"evolq": {"weight_sigma": 0}}, "evolq weight_sigma must be in"),
     ({"search": "genetic"}, "search = 'genetic' is not one of: none, evolq"),
     ({"workers": 0}, "workers must be an integer >= 1"),
     ({"executor": "slurm"}, "executor must be local or ray"),

@@ -292,10 +292,14 @@ class _BlockRunner:
                                       settings.sigma, settings.final_sigma)
         search = evolve if settings.strategy is Strategy.EVOLUTION else random_search
         handle = pool.share(job)
+        # the search draws steps of sigma; a weight's multiplier moves by weight_sigma instead
+        steps = np.array([settings.weight_sigma / settings.sigma if group in self.lifted.weights else 1.0
+                          for group in block.groups])
         def score(candidates: np.ndarray) -> np.ndarray:
-            return np.array(pool.map(score_candidate, [(handle, c) for c in candidates]))
+            return np.array(pool.map(score_candidate, [(handle, c * steps) for c in candidates]))
 
         result = search(score, len(block.groups), evaluations, evolution, rng)
+        result = dataclasses.replace(result, best=result.best * steps)
         decision = self._selection(block, suffix, result)
         kept = result.loss < result.start_loss and (decision is None or decision.kept)
         if kept:
