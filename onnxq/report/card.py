@@ -118,8 +118,7 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
         search = result.search
         card["search"] = {
             "method": "evolq", "scales": search.scales, "loss": search.loss, "scope": search.scope,
-            "strategy": search.strategy,
-            "seed": search.seed, "search_feeds": search.search_feeds,
+            "strategy": search.strategy, "seed": search.seed, "search_feeds": search.search_feeds,
             "selection_feeds": search.selection_feeds, "evaluations": search.evaluations,
             "blocks": [{"groups": len(b.groups), "input": b.input, "evaluations": b.evaluations,
                         "loss_before": b.loss_before, "loss_after": b.loss_after,
