@@ -128,6 +128,43 @@ def test_a_lifted_weight_multiplier_changes_the_output_as_the_emitted_model(opti
                 np.testing.assert_array_equal(at_moved, emitted.run(None, feed)[0])
 
 
+def test_bias_codes_past_2_to_the_24_are_rounded_in_the_search_graph_as_the_emitter_rounds_them():
+    """A bias whose int32 codes pass 2^24 (PP-OCRv4 has 2^27): float32 cannot hold every such
+    integer, so the search graph rounds them in double, and equals the emitted model to the bit
+    (with float32 rounding it was off by a code of 8, enough to flip later roundings)."""
+    feeds = small_cnn_feeds(12)
+    state = _calibrated(QuantConfig(holdout=2), feeds)
+    spec = next(b for b in state.plan.biases if b.node == "conv2")
+    source = bias_sources(state)[spec]
+    scale = np.float32(state.qparams.activations[state.plan.group_of(spec.activation).stats_tensor].scale)
+    code_scale = np.float32(scale * np.float32(source.weight_scale[0]))
+
+    def as_dequantized(value: np.float32, exact: bool) -> np.float32:  # float32(codes) * scale
+        quotient = np.float64(value) / np.float64(code_scale) if exact else np.float32(value / code_scale)
+        return np.float32(np.round(quotient)) * code_scale
+
+    # a bias near 2^26 codes that float32 division rounds to another dequantized value
+    large = np.float32(2 ** 26 * code_scale)
+    while as_dequantized(large, True) == as_dequantized(large, False):
+        large = np.nextafter(large, np.float32(np.inf))
+    bias = source.bias.astype(np.float32).copy()
+    bias[0] = large
+    state.qparams.bias_values[spec] = bias
+    lifted = lift_scales(emit(state.model, state.plan, state.qparams), state.plan, bias_sources(state),
+                         state.plan.weights)
+    session = _unfused(lifted.model)
+    defaults = {lifted.inputs[k]: v for k, v in lifted.defaults.items()}
+    emitted = _unfused(emit(state.model, state.plan, state.qparams))
+    conv2 = next(n for n in lifted.model.graph if n.name == "conv2").inputs[2].name
+    probe = _unfused(with_outputs(lifted.model, [conv2]))
+    emitted_bias = _unfused(with_outputs(emit(state.model, state.plan, state.qparams), ["b2_dq"]))
+    for feed in feeds[:3]:
+        np.testing.assert_array_equal(session.run(None, {**feed, **defaults})[0], emitted.run(None, feed)[0])
+        in_graph = probe.run(None, {**feed, **defaults})[-1]
+        np.testing.assert_array_equal(in_graph, emitted_bias.run(None, feed)[-1])
+        assert in_graph[0] == as_dequantized(large, True) != as_dequantized(large, False)
+
+
 def test_a_suffix_from_a_cached_block_input_gives_the_whole_model_outputs():
     feeds = small_cnn_feeds(12)
     state = _calibrated(QuantConfig(holdout=2), feeds)

@@ -20,6 +20,9 @@ re-rounds it whenever s_x moves; the search graph computes that rounding from th
 
     b_hat = clip(round(b / max(s_x s_w, MIN_SCALE))) * max(s_x s_w, MIN_SCALE)
 
+(the codes in double, as the emitter computes them: float32 cannot hold every integer past 2^24,
+and PP-OCRv4's biases reach 2^27 codes)
+
 with the float bias b as a constant, so a candidate scores the model the emitter writes for it
 (the loss is jagged enough that a fixed bias, off by a fraction of a code, misleads the search).
 
@@ -181,8 +184,10 @@ def _round_bias_in_graph(graph: ir.Graph, node: ir.Node, index: int, input_scale
         graph.register_initializer(value)
         return value
 
-    def op(op_type: str, *operands: ir.Value) -> ir.Value:
-        created = ir.Node("", op_type, list(operands), name=f"{node.name}_bias_{op_type.lower()}{len(made)}")
+    def op(op_type: str, *operands: ir.Value, **attributes: int) -> ir.Value:
+        created = ir.Node("", op_type, list(operands),
+                          attributes=[ir.AttrInt64(key, value) for key, value in attributes.items()],
+                          name=f"{node.name}_bias_{op_type.lower()}{len(made)}")
         made.append(created)
         graph.insert_before(node, created)
         return created.outputs[0]
@@ -193,10 +198,13 @@ def _round_bias_in_graph(graph: ir.Graph, node: ir.Node, index: int, input_scale
         weight_scale = op("Mul", weight_scale, weight_multiplier)
     scale = op("Max", op("Mul", input_scale, weight_scale),
                constant("min", np.float32(numerics.MIN_SCALE)))
-    codes = op("Round", op("Div", constant("b", source.bias.astype(np.float32)), scale))
-    clipped = op("Clip", codes, constant("lo", np.float32(numerics.INT32.qmin)),
-                 constant("hi", np.float32(numerics.INT32.qmax)))
-    node.replace_input_with(index, op("Mul", clipped, scale))
+    # codes in double, as the emitter rounds them (past 2^24 float32 cannot hold every integer);
+    # then to float32 as DequantizeLinear converts its int32 codes
+    double = op("Cast", scale, to=ir.DataType.DOUBLE.value)
+    codes = op("Round", op("Div", constant("b", source.bias.astype(np.float64)), double))
+    clipped = op("Clip", codes, constant("lo", np.float64(numerics.INT32.qmin)),
+                 constant("hi", np.float64(numerics.INT32.qmax)))
+    node.replace_input_with(index, op("Mul", op("Cast", clipped, to=ir.DataType.FLOAT.value), scale))
 
 
 def with_outputs(model: ir.Model, tensors: list[str]) -> ir.Model:
