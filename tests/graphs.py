@@ -69,6 +69,10 @@ def tiny_attention(seed: int = 0) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, "T", 16])], inits)
 
 
+def tiny_attention_feeds(count: int) -> list[dict[str, np.ndarray]]:
+    return [{"x": np.random.default_rng(i).normal(0, 1, (1, 6, 16)).astype(np.float32)} for i in range(count)]
+
+
 def affine_cnn(seed: int = 0) -> onnx.ModelProto:
     """Conv blocks with channel-wise affine ops around their activation, as in PP-OCRv4's
     backbone; channel ranges differ by 30x:

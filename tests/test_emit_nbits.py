@@ -56,11 +56,6 @@ def _matmul_model(k: int, n: int, seed: int = 0) -> tuple[onnx.ModelProto, np.nd
     return model, weight
 
 
-def _attention_feeds(count: int):
-    return [{"x": np.random.default_rng(i).normal(0, 1, (1, 6, 16)).astype(np.float32)}
-            for i in range(count)]
-
-
 def _weight_dtypes(model: onnx.ModelProto) -> dict[str, int]:
     """Consumer node name -> data type of the weight codes it reads through a DQ (biases,
     int32, left out)."""
@@ -101,7 +96,7 @@ def test_matmul_nbits_equals_dequantize_matmul(k, n, bits):
 def _attention_plan(config: QuantConfig):
     """plan, qparams and the prepared model of tiny_attention under `config`."""
     model = graphs.tiny_attention()
-    result = onnxq.quantize(model, _attention_feeds(12), config)
+    result = onnxq.quantize(model, graphs.tiny_attention_feeds(12), config)
     prepared = prepare(model_io.to_ir(model), INT4_MIN_OPSET)
     return result, prepared
 
@@ -121,7 +116,7 @@ def test_matmul_nbits_in_quantized_graph(activation_qdq):
     producer = {o: node for node in nbits_model.graph.node for o in node.output}
     assert (nbits_node.input[0] in producer
             and producer[nbits_node.input[0]].op_type == "DequantizeLinear") == activation_qdq
-    feeds = _attention_feeds(3)
+    feeds = graphs.tiny_attention_feeds(3)
     counts = optimized_op_counts(nbits_model)
     assert counts.get("MatMulNBits") == 1
     if activation_qdq:  # the same float product as DQ -> MatMul
@@ -153,10 +148,10 @@ def test_mixed_bits_cnn_kernels():
 def test_mixed_bits_attention_runs():
     config = QuantConfig(weight_bits=8, layer_bits=("q_proj=2", "k_proj=3"), holdout=2,
                          matmul_nbits=False)
-    result = onnxq.quantize(graphs.tiny_attention(), _attention_feeds(12), config)
+    result = onnxq.quantize(graphs.tiny_attention(), graphs.tiny_attention_feeds(12), config)
     assert _weight_dtypes(result.model) == {"q_proj": TensorProto.INT4,
                                             "k_proj": TensorProto.INT4}
-    feeds = _attention_feeds(3)
+    feeds = graphs.tiny_attention_feeds(3)
     for a, b in zip(_run(result.model, feeds, NONE),
                     _run(result.model, feeds, ALL, nbits_level="0"), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -349,7 +344,7 @@ def test_two_bit_attention_matmul_nbits():
         assert {name: measured[name] for name in ("q_proj", "k_proj")} == predicted_layer_bytes(
             prepared, result.plan, options)
         sizes[bits] = measured["q_proj"]
-        feeds = _attention_feeds(2)
+        feeds = graphs.tiny_attention_feeds(2)
         for a, b in zip(_run(emitted, feeds, NONE), _run(emitted, feeds, ALL, "0"), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     # 16 x 16, one block of 16 per column: 16 * (8 + 4) at 4 bits, 16 * (4 + 4) at 2

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
-from graphs import small_cnn, small_cnn_feeds, tiny_attention
+from graphs import small_cnn, small_cnn_feeds, tiny_attention, tiny_attention_feeds
 from onnxq import model_io
 from onnxq.api import stages_for
 from onnxq.config import EvolqConfig, QuantConfig, ScaleSearch, config_from_dict
@@ -88,11 +88,6 @@ def test_a_lifted_scale_changes_the_output_as_the_emitted_model_with_that_scale(
         np.testing.assert_array_equal(at_moved, emitted.run(None, feed)[0])
 
 
-def _attention_feeds(count: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(3)
-    return [{"x": rng.normal(0, 1, (1, 6, 16)).astype(np.float32)} for _ in range(count)]
-
-
 @pytest.mark.parametrize(("options", "attention"), [
     (dict(), False), (dict(weight_bits=4, short_row_bits=0, weight_group_size=0), False),
     (dict(weight_bits=4, short_row_bits=0, weight_method="comq"), False),
@@ -102,7 +97,7 @@ def test_a_lifted_weight_multiplier_changes_the_output_as_the_emitted_model(opti
     """Each weight's multiplier (codes kept) moves the search graph's output exactly as the model
     emitted with that weight's scales times it, its int32 bias re-rounded: 8 bits, 4 bits per
     channel and per group (blocked DequantizeLinear); a MatMulNBits' output within float rounding."""
-    feeds = _attention_feeds(12) if attention else small_cnn_feeds(12)
+    feeds = tiny_attention_feeds(12) if attention else small_cnn_feeds(12)
     state = _calibrated(QuantConfig(holdout=2, **options), feeds, tiny_attention() if attention else None)
     layout = emit_options(state.config)
     quantized = emit(state.model, state.plan, state.qparams, layout)

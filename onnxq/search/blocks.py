@@ -11,11 +11,10 @@ names:
 A block is the activation groups produced from one cut to the next (a group belongs where its
 tensor is produced; the group of a cut tensor itself starts the block after the cut, since its
 Q/DQ pair sits after it), and the weights of the layers computed there when weights are searched
-too (a weight belongs where its layer runs). Blocks too small are merged forward to `min_groups`
-searched scales, then neighbours
-are merged until at most `max_blocks` remain. A block's *input* is its cut tensor (None for the
-first block: the graph inputs); a candidate runs from there, its block and everything after
-it (global loss), or to the next cut (local loss).
+too (a weight belongs where its layer runs). Blocks with fewer than `min_groups` searched scales
+are merged forward, then neighbours are merged until at most `max_blocks` remain. A block's
+*input* is its cut tensor (None for the first block: the graph inputs); a candidate runs from
+there, its block and everything after it (global loss), or to the next cut (local loss).
 """
 
 from __future__ import annotations

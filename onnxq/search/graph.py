@@ -68,9 +68,9 @@ WEIGHT_KEY = "onnxq_weight:"  # prefix of a weight multiplier's key (the weight 
 WEIGHT_SCALE_READERS = ("MatMulNBits", "GatherBlockQuantized")  # scaled on their output
 
 
-def weight_key(spec: WeightQuant) -> str:
+def weight_key(tensor: str) -> str:
     """The key of a weight's multiplier among the searched scales."""
-    return f"{WEIGHT_KEY}{spec.tensor}"
+    return f"{WEIGHT_KEY}{tensor}"
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,6 @@ def lift_scales(quantized: ir.Model, plan: QuantPlan, biases: Mapping[BiasQuant,
         if scale.is_initializer():
             model.graph.initializers.pop(scale.name)
         inputs[group.stats_tensor], defaults[group.stats_tensor] = name, array
-    values = _values_by_name(model.graph)
     nodes = {node.name: node for node in model.graph}
     int32_biases = {spec.weight: spec for spec in (biases or {})
                     if _bias_dequantized(nodes.get(spec.node), spec.input_index)}
@@ -114,13 +113,13 @@ def lift_scales(quantized: ir.Model, plan: QuantPlan, biases: Mapping[BiasQuant,
         if bias is not None and plan.group_of(bias.activation).stats_tensor not in inputs:
             continue  # its int32 bias would need the input scale as a constant: left out
         if _lift_weight_scale(model.graph, nodes.get(spec.node), spec, f"onnxq_weight_scale{number}"):
-            key = weight_key(spec)
+            key = weight_key(spec.tensor)
             inputs[key], defaults[key] = f"onnxq_weight_scale{number}", np.ones((), np.float32)
             lifted_weights[key] = spec
     values = _values_by_name(model.graph)
     for spec, source in (biases or {}).items():
         group = plan.group_of(spec.activation)
-        multiplier = inputs.get(f"{WEIGHT_KEY}{spec.weight}")
+        multiplier = inputs.get(weight_key(spec.weight))
         if spec.weight in int32_biases and (group.stats_tensor in inputs or multiplier is not None):
             _round_bias_in_graph(model.graph, nodes[spec.node], spec.input_index,
                                  values[inputs[group.stats_tensor]], source,
