@@ -76,6 +76,16 @@ class SearchedScales(enum.Enum):
     BOTH = "both"
 
 
+class SearchGraph(enum.Enum):
+    """What a scale candidate is scored on: the fused graph (the model the emitter writes with
+    the candidate's constant scales, run as ORT optimizes it: integer kernels such as
+    QLinearConv) or the lifted graph (one session with the scales as inputs, which ORT cannot
+    fuse: it runs every DequantizeLinear -> float op -> QuantizeLinear as written)."""
+
+    FUSED = "fused"
+    LIFTED = "lifted"
+
+
 class Strategy(enum.Enum):
     """How candidates are proposed: evolution (tournament selection, crossover, mutation with a
     shrinking step, elitism) or random sampling with the same number of evaluations (the
@@ -288,7 +298,11 @@ class EvolqConfig:
             block's best candidate on EfficientNet-Lite0 W8A8 raised the loss on the selection
             feeds (40-100%), so none was kept; with MSE (44 search feeds) 4 of 6 blocks lowered
             it (selection MSE -11%), and on PP-OCRv4 the first block's selection MSE halved.
-        scope: global (model outputs) or local (the block's output).
+        scope: global (model outputs) or local (the block's output; lifted graph only).
+        graph: fused or lifted (onnxq.config.SearchGraph): whether a candidate is scored on
+            the model ORT runs once it is written (fused: a session per candidate, the whole
+            model on the search feeds) or on one session with the scales as inputs, from the
+            block's cached input (lifted: cheaper per candidate, but not what ORT runs).
         feed_weighting: pooled (default) or equal: how the search loss weighs the search feeds
             (onnxq.config.FeedWeighting; equal runs the feeds one by one, and needs mse or kl).
         strategy: evolution, or random search with the same evaluations (ablation).
@@ -315,6 +329,7 @@ class EvolqConfig:
     final_sigma: float = 0.05
     loss: DamageMeasure = DamageMeasure.MSE
     scope: LossScope = LossScope.GLOBAL
+    graph: SearchGraph = SearchGraph.LIFTED
     feed_weighting: FeedWeighting = FeedWeighting.POOLED
     strategy: Strategy = Strategy.EVOLUTION
     scales: SearchedScales = SearchedScales.ACTIVATIONS
@@ -326,11 +341,15 @@ class EvolqConfig:
 
     def __post_init__(self) -> None:
         for name, enum_type in (("loss", DamageMeasure), ("scope", LossScope), ("strategy", Strategy),
-                                ("feed_weighting", FeedWeighting), ("scales", SearchedScales)):
+                                ("feed_weighting", FeedWeighting), ("scales", SearchedScales),
+                                ("graph", SearchGraph)):
             object.__setattr__(self, name, _enum_value(f"evolq {name}", enum_type, getattr(self, name)))
         if self.feed_weighting is FeedWeighting.EQUAL and self.loss is DamageMeasure.INFONCE:
             raise ConfigError("evolq feed_weighting = equal needs loss mse or kl (infoNCE contrasts "
                               "the rows of all feeds together)")
+        if self.graph is SearchGraph.FUSED and self.scope is LossScope.LOCAL:
+            raise ConfigError("evolq scope = local needs graph = lifted (the fused graph is scored "
+                              "on the model outputs)")
         for name in ("budget", "passes", "population", "tournament", "search_feeds", "min_block_groups",
                      "max_blocks"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

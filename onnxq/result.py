@@ -112,7 +112,8 @@ class QuantResult:
                     "uniform_damage": self.allocation.uniform.uniform_damage,
                     "uniform_chosen": self.allocation.uniform.uniform_chosen}},
             "search": None if self.search is None else {
-                "method": "evolq", "scales": self.search.scales, "loss": self.search.loss,
+                "method": "evolq", "scales": self.search.scales, "graph": self.search.graph,
+                "loss": self.search.loss,
                 "scope": self.search.scope, "evaluations": self.search.evaluations,
                 "blocks": len(self.search.blocks),
                 "blocks_kept": sum(b.kept for b in self.search.blocks),

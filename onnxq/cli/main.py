@@ -39,6 +39,7 @@ from onnxq.config import (
     QuantConfig,
     ScaleSearch,
     SearchedScales,
+    SearchGraph,
     WeightMethod,
     load_config,
     parse_group_size,
@@ -190,6 +191,11 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
 @click.option("--search-scales", type=click.Choice([s.value for s in SearchedScales]), default=None,
               help="What the scale search moves: activation scales, one multiplier per weight "
                    "(codes kept), or both [default: activations].")
+@click.option("--search-graph", type=click.Choice([g.value for g in SearchGraph]), default=None,
+              help="What a search candidate is scored on: fused (the model written with its "
+                   "scales, run as ONNX Runtime fuses it into integer kernels; a session per "
+                   "candidate) or lifted (one session with the scales as inputs, unfused) "
+                   "[default: lifted].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes that score search candidates [default: 1, this process].")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
@@ -215,7 +221,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
                      config_file: Path | None, holdout: int | None, max_feeds: int | None,
                      min_cosine: float | None, seed: int | None, search: str | None,
                      search_budget: int | None, search_loss: str | None, search_scales: str | None,
-                     workers: int | None,
+                     search_graph: str | None, workers: int | None,
                      executor: str | None, provider: str | None, as_json: bool, quiet: bool) -> None:
     """Quantize the float ONNX model IN to an int8 QDQ model written to OUT.
 
@@ -254,7 +260,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
         holdout=holdout, max_feeds=max_feeds, min_cosine=min_cosine, seed=seed, search=search,
         workers=workers, executor=executor, provider=provider)
     evolq = {key: value for key, value in (("budget", search_budget), ("loss", search_loss),
-                                           ("scales", search_scales)) if value is not None}
+                                           ("scales", search_scales), ("graph", search_graph))
+             if value is not None}
     if evolq:
         config = config.replace(evolq=dataclasses.replace(config.evolq, **evolq))
     result = _run_with_progress(input_path, calib, config, show=not quiet and not as_json)
@@ -311,7 +318,7 @@ def _print_summary(summary: dict) -> None:
     if summary["search"]:
         search = summary["search"]
         console.print(f"  scale search (evolq, {search['scales']} scales, {search['loss']} loss, "
-                      f"{search['scope']}): "
+                      f"{search['scope']}, {search['graph']} graph): "
                       f"{search['evaluations']} evaluations, {search['blocks_kept']} of "
                       f"{search['blocks']} blocks changed")
         if search["acceptance"]:

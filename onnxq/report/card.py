@@ -117,7 +117,8 @@ def quantization_card(result: QuantResult, written: ModelDigest | None = None,
     if result.search is not None:
         search = result.search
         card["search"] = {
-            "method": "evolq", "scales": search.scales, "loss": search.loss, "scope": search.scope,
+            "method": "evolq", "scales": search.scales, "graph": search.graph, "loss": search.loss,
+            "scope": search.scope,
             "strategy": search.strategy, "seed": search.seed, "search_feeds": search.search_feeds,
             "selection_feeds": search.selection_feeds, "evaluations": search.evaluations,
             "blocks": [{"groups": len(b.groups), "input": b.input, "evaluations": b.evaluations,
@@ -206,7 +207,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         moved = {"activations": "activation scales", "weights": "weight-scale multipliers",
                  "both": "activation scales and weight-scale multipliers"}[search["scales"]]
         lines.append(f"- {moved} searched by Evol-Q ({search['strategy']}, {search['loss']} loss, "
-                     f"{search['scope']}; seed {search['seed']}): {search['evaluations']} evaluations on "
+                     f"{search['scope']}, {search['graph']} graph; seed {search['seed']}): "
+                     f"{search['evaluations']} evaluations on "
                      f"{search['search_feeds']} calibration feeds, {kept} of {len(search['blocks'])} "
                      f"blocks changed (each kept only if it also improved {search['selection_feeds']} "
                      f"other calibration feeds: their pooled loss and most feeds' own)")

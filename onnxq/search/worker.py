@@ -13,6 +13,10 @@ of all feeds pooled (onnxq.config.FeedWeighting). `score_feeds` also gives each 
 (the keep rule's paired per-feed test, onnxq.search.keep); a contrastive loss needs a batch of
 rows, so per feed infoNCE is replaced by MSE there.
 
+On the fused graph (`EmittedJob`) a candidate is instead the serialized model the emitter writes
+with its scales: a worker opens a session for it (ORT fuses the constant-scale Q/DQ pairs into
+integer kernels, as it will for the written model) and runs the whole model on the feeds.
+
 The search opens one pool and shares each block's job with it once (`WorkerPool.share`); a
 task is `(handle, m)`. `score_candidate` resolves the handle and opens the job's session the
 first time a worker meets that job, then keeps both for the block's later candidates. It is
@@ -58,22 +62,61 @@ def _job_and_session(handle: Shared) -> tuple[BlockJob, object]:
     return _WORKER["job"], _WORKER["session"]
 
 
+@dataclass(frozen=True)
+class EmittedJob:
+    """What scoring candidates on the fused graph needs besides each candidate's model."""
+
+    settings: SessionSettings
+    feeds: tuple[Feed, ...]
+    reference: tuple[tuple[np.ndarray, ...], ...]  # [feed][output]
+    output_names: tuple[str, ...]
+    measure: DamageMeasure
+    equal_feeds: bool = False
+
+
 def score_candidate(task: tuple[Shared, np.ndarray]) -> float:
     """The loss of the job's block with its moved scales times e^multipliers."""
     handle, multipliers = task
     job, session = _job_and_session(handle)
-    if job.equal_feeds:
-        return score_feeds(task)[0]
-    return float(search_loss(job.measure, [list(r) for r in job.reference],
-                             run_candidate(job, session, multipliers)))
+    return _pooled_loss(job, run_candidate(job, session, multipliers))
 
 
 def score_feeds(task: tuple[Shared, np.ndarray]) -> tuple[float, np.ndarray]:
     """The loss of a candidate, as `score_candidate`, and the loss of each feed alone."""
     handle, multipliers = task
     job, session = _job_and_session(handle)
+    return _losses(job, run_candidate(job, session, multipliers))
+
+
+def score_emitted(task: tuple[Shared, bytes]) -> float:
+    """The loss of an emitted candidate model (`EmittedJob`), run as ORT optimizes it."""
+    handle, model = task
+    job: EmittedJob = resolve(handle)
+    return _pooled_loss(job, run_emitted(job, model))
+
+
+def score_emitted_feeds(task: tuple[Shared, bytes]) -> tuple[float, np.ndarray]:
+    """The loss of an emitted candidate model, as `score_emitted`, and each feed's own."""
+    handle, model = task
+    job: EmittedJob = resolve(handle)
+    return _losses(job, run_emitted(job, model))
+
+
+def run_emitted(job: EmittedJob, model: bytes) -> list[list[np.ndarray]]:
+    """Outputs of an emitted candidate model on every feed of the job."""
+    session = sessions.open_session(model, "a search candidate", job.settings)
+    return [sessions.run(session, list(job.output_names), feed, "a search candidate") for feed in job.feeds]
+
+
+def _pooled_loss(job: BlockJob | EmittedJob, outputs: list[list[np.ndarray]]) -> float:
+    if job.equal_feeds:
+        return _losses(job, outputs)[0]
+    return float(search_loss(job.measure, [list(r) for r in job.reference], outputs))
+
+
+def _losses(job: BlockJob | EmittedJob, outputs: list[list[np.ndarray]]) -> tuple[float, np.ndarray]:
+    """The job's loss of `outputs` and each feed's own loss."""
     reference = [list(r) for r in job.reference]
-    outputs = run_candidate(job, session, multipliers)
     per_feed = DamageMeasure.MSE if job.measure is DamageMeasure.INFONCE else job.measure
     alone = np.asarray([search_loss(per_feed, [ref], [got])
                         for ref, got in zip(reference, outputs, strict=True)], np.float64)

@@ -16,6 +16,13 @@ ONNX Runtime against the float model on calibration feeds (onnxq.search).
     write the accepted scales back into qparams; the emit and verify stages then write and check
     the model with constant scales, as without the search
 
+With `[evolq] graph = "fused"` a candidate is instead the model the emitter writes with its
+scales, opened as a session of its own and run whole on the search feeds: ORT fuses its
+constant-scale Q/DQ pairs into integer kernels (QLinearConv, QGemm ...), so a candidate scores
+exactly what will run. The lifted graph cannot be fused (its scales are inputs) and runs every
+DequantizeLinear -> float op -> QuantizeLinear as written; on PP-OCRv4 the two disagree by far
+more than the moves the search compares (benchmarks/results/evolq.md).
+
 The two checks exist because the search loss pools the feeds: at 4-bit weights a few feeds with
 large errors carried it on PP-OCRv4, and a search whose kept blocks each lowered the pooled
 selection loss still made the held-out cosine fall (0.986 -> 0.960). The keep rule counts every
@@ -33,13 +40,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq import model_io
-from onnxq.config import FeedWeighting, LossScope, ScaleSearch, SearchedScales, Strategy
+from onnxq.config import FeedWeighting, LossScope, ScaleSearch, SearchedScales, SearchGraph, Strategy
 from onnxq.data import Feed
 from onnxq.emit import emit, emit_options
 from onnxq.plan import BiasQuant, WeightQuant
@@ -58,7 +66,16 @@ from onnxq.search.graph import (
     with_outputs,
 )
 from onnxq.search.keep import KeepDecision, decide
-from onnxq.search.worker import BlockJob, candidate_scales, release_worker, score_candidate, score_feeds
+from onnxq.search.worker import (
+    BlockJob,
+    EmittedJob,
+    candidate_scales,
+    release_worker,
+    score_candidate,
+    score_emitted,
+    score_emitted_feeds,
+    score_feeds,
+)
 from onnxq.stages.bias import float_bias
 from onnxq.state import Observers, QuantState
 
@@ -108,6 +125,7 @@ class SearchReport:
     seconds: float
     acceptance: Acceptance | None = None
     scales: str = "activations"
+    graph: str = "lifted"
 
     @property
     def evaluations(self) -> int:
@@ -150,7 +168,7 @@ class EvolqSearch:
         state.reports["search"] = SearchReport(
             settings.loss.value, settings.scope.value, settings.strategy.value, state.config.seed,
             len(search), len(selection), tuple(reports), time.perf_counter() - start, acceptance,
-            settings.scales.value)
+            settings.scales.value, settings.graph.value)
 
 
 def lifted_blocks(state: QuantState) -> tuple[LiftedScales, list[Block]]:
@@ -242,7 +260,10 @@ class _BlockRunner:
         self.equal_feeds = state.config.evolq.feed_weighting is FeedWeighting.EQUAL
         self.feeds = {"search": list(search) if self.equal_feeds else batch_feeds(search, free),
                       "selection": list(selection)}
-        self._cut_session = state.scorer.session(with_outputs(lifted.model, cuts), "the search model")
+        self.fused = state.config.evolq.graph is SearchGraph.FUSED
+        self._fused_jobs: dict[str, EmittedJob] = {}
+        self._cut_session = None if self.fused else state.scorer.session(with_outputs(lifted.model, cuts),
+                                                                          "the search model")
         self._float: dict[str, list[dict[str, np.ndarray]]] = {}
         if self.local:  # the float model's block outputs, the local loss's reference
             float_cuts = state.scorer.session(with_outputs(state.model, cuts), "the float model")
@@ -282,23 +303,51 @@ class _BlockRunner:
                         outputs, config.evolq.loss, scales,
                         tuple(self.lifted.inputs[g] for g in block.groups), self.equal_feeds)
 
+    def _fused_job(self, kind: str, workers: int) -> EmittedJob:
+        """What the workers need to score emitted candidates on the `kind` feeds (any block)."""
+        if kind not in self._fused_jobs:
+            outputs = tuple(v.name for v in self.state.model.graph.outputs)
+            reference = tuple(tuple(self.state.float_session.run(list(outputs), feed))
+                              for feed in self.feeds[kind])
+            threads = threads_per_worker(workers) if workers > 1 else 0
+            config = self.state.config
+            self._fused_jobs[kind] = EmittedJob(SessionSettings(threads=threads, provider=config.provider),
+                                                tuple(self.feeds[kind]), reference, outputs,
+                                                config.evolq.loss, self.equal_feeds)
+        return self._fused_jobs[kind]
+
+    def _emitted(self, block: Block, multipliers: np.ndarray) -> bytes:
+        """The model the emitter writes with `block`'s scales moved by e^multipliers."""
+        scales = candidate_scales(self.current, block.groups, multipliers)
+        qparams = with_scales(self.state.qparams, scales, self.lifted.weights)
+        model = emit(self.state.model, self.state.plan, qparams, emit_options(self.state.config))
+        return model_io.to_proto(model).SerializeToString()
+
+    def _scorer(self, pool: WorkerPool, block: Block, suffix: ir.Model | None,
+                steps: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """The search's score function: candidates (n, groups) of log-steps -> their losses."""
+        workers = self.state.config.workers
+        if self.fused:
+            handle = pool.share(self._fused_job("search", workers))
+            return lambda candidates: np.array(pool.map(
+                score_emitted, [(handle, self._emitted(block, c * steps)) for c in candidates]))
+        handle = pool.share(self._job(block, suffix, "search", workers))
+        return lambda candidates: np.array(pool.map(score_candidate, [(handle, c * steps)
+                                                                      for c in candidates]))
+
     def search(self, pool: WorkerPool, block: Block, evaluations: int,
                rng: np.random.Generator) -> BlockReport:
         start = time.perf_counter()
-        config, settings = self.state.config, self.state.config.evolq
-        suffix = self._suffix(block)
-        job = self._job(block, suffix, "search", config.workers)
+        settings = self.state.config.evolq
+        suffix = None if self.fused else self._suffix(block)
         evolution = EvolutionSettings(settings.population, settings.elite, settings.tournament,
                                       settings.sigma, settings.final_sigma)
         search = evolve if settings.strategy is Strategy.EVOLUTION else random_search
-        handle = pool.share(job)
         # the search draws steps of sigma; a weight's multiplier moves by weight_sigma instead
         steps = np.array([settings.weight_sigma / settings.sigma if group in self.lifted.weights else 1.0
                           for group in block.groups])
-        def score(candidates: np.ndarray) -> np.ndarray:
-            return np.array(pool.map(score_candidate, [(handle, c * steps) for c in candidates]))
-
-        result = search(score, len(block.groups), evaluations, evolution, rng)
+        result = search(self._scorer(pool, block, suffix, steps), len(block.groups), evaluations,
+                        evolution, rng)
         result = dataclasses.replace(result, best=result.best * steps)
         decision = self._selection(block, suffix, result)
         kept = result.loss < result.start_loss and (decision is None or decision.kept)
@@ -314,12 +363,18 @@ class _BlockRunner:
                            decision.median_change if scored else None,
                            decision.improved_feeds if scored else None)
 
-    def _selection(self, block: Block, suffix: ir.Model, result: SearchResult) -> KeepDecision | None:
+    def _selection(self, block: Block, suffix: ir.Model | None, result: SearchResult) -> KeepDecision | None:
         """The keep rule's verdict on the block's best candidate (None: nothing to judge)."""
         if not self.feeds["selection"] or result.loss >= result.start_loss:
             return None
+        incumbent = np.zeros(len(block.groups))
+        if self.fused:
+            handle = Shared.inline(self._fused_job("selection", 1))
+            (pooled_before, before), (pooled_after, after) = (
+                score_emitted_feeds((handle, self._emitted(block, m))) for m in (incumbent, result.best))
+            return decide(pooled_before, pooled_after, before, after)
         handle = Shared.inline(self._job(block, suffix, "selection", 1))
         (pooled_before, before), (pooled_after, after) = (
-            score_feeds((handle, np.zeros(len(block.groups)))), score_feeds((handle, result.best)))
+            score_feeds((handle, incumbent)), score_feeds((handle, result.best)))
         return decide(pooled_before, pooled_after, before, after)
 
