@@ -93,12 +93,10 @@ ROWS: tuple[RowSpec, ...] = (
               _options(**options, search="evolq", evolq={"scales": scales}))
       for scales in ("weights", "both")
       for base, options in (("", {}), ("W4A8 comq + ", {"weight_bits": 4, "weight_method": "comq"}))),
-    # Candidates scored on the fused graph (each emitted and run as ORT optimizes it) instead of
-    # the lifted one, for each kind of scale, at W8A8 and on COMQ's W4A8.
-    *(RowSpec(f"onnxq {base}evolq fused{'' if scales == 'activations' else f' {scales} scales'}",
-              "onnxq", "onnxq",
-              _options(**options, search="evolq", evolq={"scales": scales, "graph": "fused"}))
-      for scales in ("activations", "weights")
+    # Candidates scored on the lifted graph (scales as inputs of one unfused session) instead of
+    # the fused one (each candidate emitted and run as ORT optimizes it), at W8A8 and on W4A8.
+    *(RowSpec(f"onnxq {base}evolq lifted", "onnxq", "onnxq",
+              _options(**options, search="evolq", evolq={"graph": "lifted"}))
       for base, options in (("", {}), ("W4A8 comq + ", {"weight_bits": 4, "weight_method": "comq"}))),
     # Channel equalization of Conv activations (on by default) switched off, and without the
     # dense Convs' share: what each part of it does.

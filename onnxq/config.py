@@ -299,10 +299,13 @@ class EvolqConfig:
             feeds (40-100%), so none was kept; with MSE (44 search feeds) 4 of 6 blocks lowered
             it (selection MSE -11%), and on PP-OCRv4 the first block's selection MSE halved.
         scope: global (model outputs) or local (the block's output; lifted graph only).
-        graph: fused or lifted (onnxq.config.SearchGraph): whether a candidate is scored on
-            the model ORT runs once it is written (fused: a session per candidate, the whole
-            model on the search feeds) or on one session with the scales as inputs, from the
-            block's cached input (lifted: cheaper per candidate, but not what ORT runs).
+        graph: fused (the default; lifted when scope is local) or lifted
+            (onnxq.config.SearchGraph): whether a candidate is scored on the model ORT runs
+            once it is written (fused: a session per candidate, the whole model on the search
+            feeds) or on one session with the scales as inputs, from the block's cached input
+            (lifted: no session per candidate, but not what ORT runs: on PP-OCRv4 the two differ
+            by more than the moves the search compares). Chosen on the held-out calibration
+            feeds (benchmarks/results/evolq.md).
         feed_weighting: pooled (default) or equal: how the search loss weighs the search feeds
             (onnxq.config.FeedWeighting; equal runs the feeds one by one, and needs mse or kl).
         strategy: evolution, or random search with the same evaluations (ablation).
@@ -329,7 +332,7 @@ class EvolqConfig:
     final_sigma: float = 0.05
     loss: DamageMeasure = DamageMeasure.MSE
     scope: LossScope = LossScope.GLOBAL
-    graph: SearchGraph = SearchGraph.LIFTED
+    graph: SearchGraph | None = None  # fused; lifted with scope = local
     feed_weighting: FeedWeighting = FeedWeighting.POOLED
     strategy: Strategy = Strategy.EVOLUTION
     scales: SearchedScales = SearchedScales.ACTIVATIONS
@@ -341,9 +344,11 @@ class EvolqConfig:
 
     def __post_init__(self) -> None:
         for name, enum_type in (("loss", DamageMeasure), ("scope", LossScope), ("strategy", Strategy),
-                                ("feed_weighting", FeedWeighting), ("scales", SearchedScales),
-                                ("graph", SearchGraph)):
+                                ("feed_weighting", FeedWeighting), ("scales", SearchedScales)):
             object.__setattr__(self, name, _enum_value(f"evolq {name}", enum_type, getattr(self, name)))
+        graph = self.graph if self.graph is not None else \
+            SearchGraph.LIFTED if self.scope is LossScope.LOCAL else SearchGraph.FUSED
+        object.__setattr__(self, "graph", _enum_value("evolq graph", SearchGraph, graph))
         if self.feed_weighting is FeedWeighting.EQUAL and self.loss is DamageMeasure.INFONCE:
             raise ConfigError("evolq feed_weighting = equal needs loss mse or kl (infoNCE contrasts "
                               "the rows of all feeds together)")

@@ -275,6 +275,21 @@ def test_weight_search_undoes_a_spoiled_weight_scale():
     assert state.qparams.weights[spec].codes is spoiled.codes  # codes kept
 
 
+def test_both_searches_a_blocks_activation_scales_then_its_weight_multipliers():
+    config = QuantConfig(search=ScaleSearch.EVOLQ, evolq=EvolqConfig(scales="both", max_blocks=2))
+    state = _calibrated(config, small_cnn_feeds(24))
+    lifted, blocks = lifted_blocks(state)
+    weights = set(lifted.weights)
+    kinds = [("weights" if set(b.groups) <= weights else "activations" if not set(b.groups) & weights
+              else "mixed") for b in blocks]
+    assert "mixed" not in kinds and "weights" in kinds and "activations" in kinds
+    searched = [g for b in blocks for g in b.groups]
+    assert sorted(searched) == sorted(lifted.inputs)  # every scale once
+    for first, second in zip(blocks, blocks[1:], strict=False):  # a block's weights right after its scales
+        if second.input == first.input:
+            assert set(first.groups).isdisjoint(weights) and set(second.groups) <= weights
+
+
 @pytest.mark.parametrize("graph", ["lifted", "fused"])
 def test_same_seed_gives_a_byte_identical_model(graph):
     feeds = small_cnn_feeds(40)
