@@ -74,6 +74,7 @@ class SearchedScales(enum.Enum):
     ACTIVATIONS = "activations"
     WEIGHTS = "weights"
     BOTH = "both"
+    AUTO = "auto"  # activations and weights searched apart; the held-out feeds pick
 
 
 class SearchGraph(enum.Enum):
@@ -310,7 +311,10 @@ class EvolqConfig:
             (onnxq.config.FeedWeighting; equal runs the feeds one by one, and needs mse or kl).
         strategy: evolution, or random search with the same evaluations (ablation).
         scales: what the search moves: activations (the groups' scales), weights (one
-            multiplier per quantized weight, codes kept) or both (onnxq.search.graph).
+            multiplier per quantized weight, codes kept), both (per block, its activation
+            scales then its weight multipliers, sharing the block's evaluations) or auto (two
+            searches from the base, one per kind, each with the whole budget; the held-out
+            calibration feeds choose between them and the base). See onnxq.search.graph.
         weight_sigma: the mutation step of a weight's log-multiplier (sigma is the activation
             scales'; a weight's step keeps their ratio when sigma shrinks).
         search_feeds: calibration feeds the candidates are scored on.

@@ -118,6 +118,7 @@ class QuantResult:
                 "blocks": len(self.search.blocks),
                 "blocks_kept": sum(b.kept for b in self.search.blocks),
                 "acceptance": None if self.search.acceptance is None else {
-                    "accepted": self.search.acceptance.accepted, "reason": self.search.acceptance.reason}},
+                    "accepted": self.search.acceptance.accepted, "reason": self.search.acceptance.reason,
+                    "chosen": self.search.acceptance.chosen}},
             "latency": None if self.latency is None else self.latency.summary(),
         }

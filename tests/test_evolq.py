@@ -275,6 +275,43 @@ def test_weight_search_undoes_a_spoiled_weight_scale():
     assert state.qparams.weights[spec].codes is spoiled.codes  # codes kept
 
 
+def test_auto_writes_the_kind_the_held_out_feeds_prefer():
+    """scales = auto: an activation search and a weight search from the same base, each as it
+    runs alone; the held-out feeds pick the closer of the two (or the base), and that one's
+    scales are written. The base has one activation scale and one weight's scales spoiled, so
+    that each search finds something to keep."""
+    feeds = small_cnn_feeds(48)
+
+    def spoiled(kind: str):
+        config = QuantConfig(holdout=4, search=ScaleSearch.EVOLQ, evolq=EvolqConfig(
+            scales=kind, budget=160, loss="mse", search_feeds=24, selection_feeds=12, sigma=0.2,
+            final_sigma=0.01, weight_sigma=0.1))
+        state = _calibrated(config, feeds)
+        group = state.plan.activation_groups[-1].stats_tensor
+        state.qparams.activations[group] = dataclasses.replace(
+            state.qparams.activations[group], scale=state.qparams.activations[group].scale * np.float32(3))
+        spec = next(w for w in state.plan.weights if w.node == "conv2")
+        state.qparams.weights[spec] = dataclasses.replace(
+            state.qparams.weights[spec], scale=state.qparams.weights[spec].scale * np.float32(1.25))
+        return state
+
+    runs = {kind: spoiled(kind) for kind in ("activations", "weights", "auto")}
+    for state in runs.values():
+        EvolqSearch().run(state)
+    alone = {kind: runs[kind].reports["search"].acceptance for kind in ("activations", "weights")}
+    assert all(acceptance is not None for acceptance in alone.values())  # each kept a block
+    auto = runs["auto"].reports["search"]
+    assert auto.evaluations == sum(runs[kind].reports["search"].evaluations for kind in alone)
+    best = max(alone, key=lambda kind: alone[kind].searched_cosine)
+    assert auto.acceptance.chosen == best and auto.acceptance.accepted == alone[best].accepted
+    assert auto.acceptance.searched_cosine == alone[best].searched_cosine
+    written = runs[best].qparams if alone[best].accepted else spoiled("auto").qparams
+    for key, params in written.activations.items():
+        assert runs["auto"].qparams.activations[key].scale == params.scale
+    for spec, params in written.weights.items():
+        np.testing.assert_array_equal(runs["auto"].qparams.weights[spec].scale, params.scale)
+
+
 def test_both_searches_a_blocks_activation_scales_then_its_weight_multipliers():
     config = QuantConfig(search=ScaleSearch.EVOLQ, evolq=EvolqConfig(scales="both", max_blocks=2))
     state = _calibrated(config, small_cnn_feeds(24))
@@ -448,7 +485,8 @@ def test_search_works_on_top_of_any_weight_searcher_and_leaves_the_weights(weigh
     ({"evolq": {"elite": 8}}, "elite must be in"),
     ({"evolq": {"feed_weighting": "loudest"}}, "evolq feed_weighting = 'loudest' is not one of"),
     ({"evolq": {"feed_weighting": "equal", "loss": "infonce"}}, "needs loss mse or kl"),
-    ({"evolq": {"scales": "biases"}}, "evolq scales = 'biases' is not one of: activations, weights, both"),
+    ({"evolq": {"scales": "biases"}},
+     "evolq scales = 'biases' is not one of: activations, weights, both, auto"),
     ({"evolq": {"weight_sigma": 0}}, "evolq weight_sigma must be in"),
     ({"evolq": {"graph": "onnx"}}, "evolq graph = 'onnx' is not one of: fused, lifted"),
     ({"evolq": {"graph": "fused", "scope": "local"}}, "scope = local needs graph = lifted"),

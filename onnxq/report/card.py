@@ -205,7 +205,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         search = card["search"]
         kept = sum(block["kept"] for block in search["blocks"])
         moved = {"activations": "activation scales", "weights": "weight-scale multipliers",
-                 "both": "activation scales and weight-scale multipliers"}[search["scales"]]
+                 "both": "activation scales and weight-scale multipliers",
+                 "auto": "activation scales and, apart, weight-scale multipliers"}[search["scales"]]
         lines.append(f"- {moved} searched by Evol-Q ({search['strategy']}, {search['loss']} loss, "
                      f"{search['scope']}, {search['graph']} graph; seed {search['seed']}): "
                      f"{search['evaluations']} evaluations on "

@@ -111,6 +111,7 @@ class Acceptance:
     searched_cosine: float | None
     accepted: bool
     reason: str
+    chosen: str | None = None  # with scales = auto: the kind whose search was written
 
 
 @dataclass(frozen=True)
@@ -146,38 +147,55 @@ class EvolqSearch:
         start = time.perf_counter()
         settings = state.config.evolq
         search, selection = _split(state, settings.search_feeds, settings.selection_feeds)
-        lifted, blocks = lifted_blocks(state)
-        runner = _BlockRunner(state, lifted, blocks, search, selection)
-        per_block = max(settings.population, settings.budget // max(len(blocks) * settings.passes, 1))
-        progress = state.stage_progress(self.name, len(blocks) * settings.passes)
-        reports = []
+        kinds = [SearchedScales.ACTIVATIONS, SearchedScales.WEIGHTS] \
+            if settings.scales is SearchedScales.AUTO else [settings.scales]
+        runs = {kind: lifted_blocks(state, kind) for kind in kinds}
+        progress = state.stage_progress(self.name, sum(len(b) for _, b in runs.values()) * settings.passes)
+        searched, reports, fused = {}, [], True
         with open_pool(state.config.executor, state.config.workers) as pool:
-            for number in range(settings.passes):
-                for index, block in enumerate(blocks):
-                    rng = np.random.default_rng([state.config.seed, number, index])
-                    reports.append(runner.search(pool, block, per_block, rng))
-                    if progress is not None:
-                        progress(1)
+            for kind, (lifted, blocks) in runs.items():
+                runner = _BlockRunner(state, lifted, blocks, search, selection)
+                kept = _search_blocks(state, runner, blocks, pool, progress)
+                reports += kept
+                fused = fused and runner.fused
+                if any(r.kept for r in kept):
+                    searched[kind.value] = with_scales(state.qparams, runner.current, lifted.weights)
         release_worker()  # the last block's session, when it was scored in this process
-        searched = with_scales(state.qparams, runner.current, lifted.weights)
-        acceptance = accept(state, searched) if any(r.kept for r in reports) else None
-        if acceptance is None or acceptance.accepted:
-            state.qparams = searched
-        else:
+        acceptance = accept(state, searched) if searched else None
+        if acceptance is not None and acceptance.accepted:
+            state.qparams = searched[acceptance.chosen]
+        elif acceptance is not None:
             logger.info("search rejected: %s", acceptance.reason)
         state.reports["search"] = SearchReport(
             settings.loss.value, settings.scope.value, settings.strategy.value, state.config.seed,
             len(search), len(selection), tuple(reports), time.perf_counter() - start, acceptance,
-            settings.scales.value, (SearchGraph.FUSED if runner.fused else SearchGraph.LIFTED).value)
+            settings.scales.value, (SearchGraph.FUSED if fused else SearchGraph.LIFTED).value)
 
 
-def lifted_blocks(state: QuantState) -> tuple[LiftedScales, list[Block]]:
-    """The search model of the state's emitted model (the scales `[evolq] scales` names lifted
-    to inputs) and its blocks, each holding only lifted scales."""
+def _search_blocks(state: QuantState, runner: _BlockRunner, blocks: list[Block], pool: WorkerPool,
+                   progress: Callable[[int], None] | None) -> list[BlockReport]:
+    """Every pass over the blocks, first to last; the runner keeps what each block found."""
     settings = state.config.evolq
+    per_block = max(settings.population, settings.budget // max(len(blocks) * settings.passes, 1))
+    reports = []
+    for number in range(settings.passes):
+        for index, block in enumerate(blocks):
+            rng = np.random.default_rng([state.config.seed, number, index])
+            reports.append(runner.search(pool, block, per_block, rng))
+            if progress is not None:
+                progress(1)
+    return reports
+
+
+def lifted_blocks(state: QuantState,
+                  scales: SearchedScales | None = None) -> tuple[LiftedScales, list[Block]]:
+    """The search model of the state's emitted model (the scales `scales` names, by default
+    `[evolq] scales`, lifted to inputs) and its blocks, each holding only lifted scales."""
+    settings = state.config.evolq
+    scales = scales or settings.scales
     quantized = emit(state.model, state.plan, state.qparams, emit_options(state.config))
     weights = [spec for spec in state.plan.weights if spec in state.qparams.weights] \
-        if settings.scales is not SearchedScales.ACTIVATIONS else []
+        if scales is not SearchedScales.ACTIVATIONS else []
     lifted = lift_scales(quantized, state.plan, bias_sources(state), weights)
     # every lifted scale is fed; a block moves only the kinds the settings name, one kind at a
     # time: with both, a block's activation scales are searched, then its weight multipliers
@@ -185,7 +203,7 @@ def lifted_blocks(state: QuantState) -> tuple[LiftedScales, list[Block]]:
     # EfficientNet-Lite0 W8A8, no block of 6 kept against 2 with activations alone)
     activations = set(lifted.inputs) - set(lifted.weights)
     kinds = {SearchedScales.ACTIVATIONS: [activations], SearchedScales.WEIGHTS: [set(lifted.weights)],
-             SearchedScales.BOTH: [activations, set(lifted.weights)]}[settings.scales]
+             SearchedScales.BOTH: [activations, set(lifted.weights)]}[scales]
     layers = {key: spec.node for key, spec in lifted.weights.items()}
     blocks = [dataclasses.replace(b, groups=tuple(g for g in b.groups if g in kind))
               for b in partition(state.model, state.plan, settings.min_block_groups, settings.max_blocks,
@@ -212,23 +230,29 @@ def with_scales(qparams: QParams, scales: dict[str, np.ndarray],
     return dataclasses.replace(qparams, activations=activations, weights=weight_params)
 
 
-def accept(state: QuantState, searched: QParams) -> Acceptance:
-    """Whether the searched scales make a model at least as close to float on the held-out
-    calibration feeds as the base scales (the emitted models, as the verify stage measures)."""
+def accept(state: QuantState, searched: dict[str, QParams]) -> Acceptance:
+    """Which searched scales (by kind) make the model closest to float on the held-out
+    calibration feeds, and whether that one is at least as close as the base scales (the
+    emitted models, as the verify stage measures). Ties go to the first kind, then the base."""
     feeds = state.held_out
+    first = next(iter(searched))
     if not len(feeds):
-        return Acceptance(0, None, None, True, "not checked: no held-out calibration feeds")
+        return Acceptance(0, None, None, True, "not checked: no held-out calibration feeds", first)
 
     def worst_cosine(qparams: QParams) -> float:
         model = model_io.to_proto(emit(state.model, state.plan, qparams, emit_options(state.config)))
         return state.scorer.measure_fidelity(model, state.float_session, feeds).worst_cosine
 
-    base, after = worst_cosine(state.qparams), worst_cosine(searched)
-    accepted = after >= base
+    base = worst_cosine(state.qparams)
+    cosines = {kind: worst_cosine(qparams) for kind, qparams in searched.items()}
+    chosen = max(cosines, key=lambda kind: cosines[kind])  # max keeps the first of equals
+    accepted = cosines[chosen] >= base
     verdict = "accepted" if accepted else "rejected, base scales written"
-    return Acceptance(len(feeds), base, after, accepted,
-                      f"{verdict}: held-out cosine {after:.5f} with the searched scales against "
-                      f"{base:.5f} with the base scales on {len(feeds)} held-out calibration feeds")
+    searched_words = ", ".join(f"{cosine:.5f} with the searched {kind} scales"
+                               for kind, cosine in cosines.items())
+    return Acceptance(len(feeds), base, cosines[chosen], accepted,
+                      f"{verdict}: held-out cosine {searched_words} against {base:.5f} with the base "
+                      f"scales on {len(feeds)} held-out calibration feeds", chosen)
 
 
 def bias_sources(state: QuantState) -> dict[BiasQuant, BiasSource]:
