@@ -277,10 +277,10 @@ class EvolqConfig:
     """Settings of the Evol-Q scale search (the `[evolq]` table of a TOML config).
 
     Attributes:
-        budget: candidate evaluations over the whole search (all blocks and passes); each is
-            one ORT run of a block and what follows it (global) or of the block (local) on the
-            search feeds. 240 with 6 blocks: 40 per block, about 6-7 minutes for
-            EfficientNet-Lite0 or PP-OCRv4 on 2 busy cores.
+        budget: candidate evaluations of one search over all blocks and passes (scales = auto
+            runs two searches, each with this budget); on the fused graph each is the whole
+            model on the search feeds, on the lifted graph a block and what follows it (global)
+            or the block (local). 240 with 6 blocks: 40 per block.
         passes: sweeps over the blocks, first to last.
         population: candidates per generation.
         elite: best candidates kept unchanged into the next generation.
@@ -314,7 +314,11 @@ class EvolqConfig:
             multiplier per quantized weight, codes kept), both (per block, its activation
             scales then its weight multipliers, sharing the block's evaluations) or auto (two
             searches from the base, one per kind, each with the whole budget; the held-out
-            calibration feeds choose between them and the base). See onnxq.search.graph.
+            calibration feeds choose between them and the base; the default). See
+            onnxq.search.graph. Why auto: on the zoo (fused graph) the held-out feeds preferred
+            activation scales on EfficientNet-Lite0 W8A8 and MiniLM-L6 W4A8 and weight
+            multipliers on EfficientNet-Lite0 W4A8 and PP-OCRv4 (both widths); no one kind
+            improved every model (benchmarks/results/evolq.md). It costs the two searches.
         weight_sigma: the mutation step of a weight's log-multiplier (sigma is the activation
             scales'; a weight's step keeps their ratio when sigma shrinks).
         search_feeds: calibration feeds the candidates are scored on.
@@ -339,7 +343,7 @@ class EvolqConfig:
     graph: SearchGraph | None = None  # fused; lifted with scope = local
     feed_weighting: FeedWeighting = FeedWeighting.POOLED
     strategy: Strategy = Strategy.EVOLUTION
-    scales: SearchedScales = SearchedScales.ACTIVATIONS
+    scales: SearchedScales = SearchedScales.AUTO
     weight_sigma: float = 0.01
     search_feeds: int = 48
     selection_feeds: int = 16

@@ -192,7 +192,7 @@ def test_search_undoes_a_spoiled_scale_and_keeps_only_what_selection_confirms(gr
     feeds = small_cnn_feeds(48)
     config = QuantConfig(holdout=4, search=ScaleSearch.EVOLQ,
                          evolq=EvolqConfig(budget=160, loss="mse", search_feeds=24, selection_feeds=12,
-                                           sigma=0.2, final_sigma=0.01, graph=graph))
+                                           sigma=0.2, final_sigma=0.01, graph=graph, scales="activations"))
     unspoiled = _calibrated(config, feeds)
     EvolqSearch().run(unspoiled)
     calibrated_loss = unspoiled.reports["search"].blocks[0].loss_before
