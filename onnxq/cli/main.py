@@ -185,17 +185,19 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="Search activation scales after calibration: evolq (evolutionary, scored "
                    "through ONNX Runtime block by block) [default: none].")
 @click.option("--search-budget", type=click.IntRange(min=1), default=None,
-              help="Candidate evaluations of the whole scale search [default: 240].")
+              help="Candidate evaluations of one scale search; --search-scales auto runs two "
+                   "[default: 240].")
 @click.option("--search-loss", type=click.Choice([m.value for m in DamageMeasure]), default=None,
               help="Loss of the scale search on the model outputs [default: mse].")
 @click.option("--search-scales", type=click.Choice([s.value for s in SearchedScales]), default=None,
               help="What the scale search moves: activation scales, one multiplier per weight "
-                   "(codes kept), or both [default: activations].")
+                   "(codes kept), both (per block, one kind then the other), or auto (each kind "
+                   "searched apart; the held-out calibration feeds choose) [default: auto].")
 @click.option("--search-graph", type=click.Choice([g.value for g in SearchGraph]), default=None,
               help="What a search candidate is scored on: fused (the model written with its "
                    "scales, run as ONNX Runtime fuses it into integer kernels; a session per "
                    "candidate) or lifted (one session with the scales as inputs, unfused) "
-                   "[default: lifted].")
+                   "[default: fused].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes that score search candidates [default: 1, this process].")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
