@@ -1,12 +1,14 @@
-"""Evol-Q as a stage: activation scales searched block by block, every candidate scored through
-ONNX Runtime against the float model on calibration feeds (onnxq.search).
+"""Evol-Q as a stage: activation scales and weight-scale multipliers searched block by block,
+every candidate scored through ONNX Runtime against the float model on calibration feeds
+(onnxq.search).
 
-    emit (current qparams) -> lift every activation scale to a graph input (one session)
+    emit (current qparams) -> lift the searched scales to graph inputs (onnxq.search.graph)
     blocks between cuts of the graph (onnxq.search.blocks)
     per pass, per block, first to last:
-        cache the block's input from the model quantized so far (earlier blocks' scales in)
-        evolve log-multipliers of the block's scales, each candidate run from the cached input
-          through the rest of the model (global loss) or to the next cut (local loss)
+        evolve log-multipliers of the block's scales; a candidate is scored on the fused graph
+          (emitted with its scales, its own session, the whole model) or on the lifted one
+          (from the block's input, cached from the model quantized so far, through the rest of
+          the model: global loss, or to the next cut: local loss)
         keep the best only if it also improves the selection feeds (calibration feeds the search
           never scored: selection never sees evaluation data), in a paired, per-feed way: the
           pooled loss falls and most feeds' own losses fall (onnxq.search.keep)
@@ -16,12 +18,17 @@ ONNX Runtime against the float model on calibration feeds (onnxq.search).
     write the accepted scales back into qparams; the emit and verify stages then write and check
     the model with constant scales, as without the search
 
-With `[evolq] graph = "fused"` a candidate is instead the model the emitter writes with its
-scales, opened as a session of its own and run whole on the search feeds: ORT fuses its
-constant-scale Q/DQ pairs into integer kernels (QLinearConv, QGemm ...), so a candidate scores
-exactly what will run. The lifted graph cannot be fused (its scales are inputs) and runs every
-DequantizeLinear -> float op -> QuantizeLinear as written; on PP-OCRv4 the two disagree by far
-more than the moves the search compares (benchmarks/results/evolq.md).
+With `[evolq] scales = "auto"` (the default) the search runs twice from the same base, once
+over the activation scales and once over the weight multipliers, and the acceptance writes
+whichever the held-out feeds find closer to float (or the base): which kind helps differs by
+model, and only calibration data chooses.
+
+On the fused graph (`[evolq] graph = "fused"`, the default) a candidate is the model the
+emitter writes with its scales, opened as a session of its own and run whole on the search
+feeds: ORT fuses its constant-scale Q/DQ pairs into integer kernels (QLinearConv, QGemm ...),
+so a candidate scores exactly what will run. The lifted graph cannot be fused (its scales are
+inputs) and runs every DequantizeLinear -> float op -> QuantizeLinear as written; on PP-OCRv4
+the two disagree by far more than the moves the search compares (benchmarks/results/evolq.md).
 
 The two checks exist because the search loss pools the feeds: at 4-bit weights a few feeds with
 large errors carried it on PP-OCRv4, and a search whose kept blocks each lowered the pooled
@@ -155,10 +162,10 @@ class EvolqSearch:
         with open_pool(state.config.executor, state.config.workers) as pool:
             for kind, (lifted, blocks) in runs.items():
                 runner = _BlockRunner(state, lifted, blocks, search, selection)
-                kept = _search_blocks(state, runner, blocks, pool, progress)
-                reports += kept
+                kind_reports = _search_blocks(state, runner, blocks, pool, progress)
+                reports += kind_reports
                 fused = fused and runner.fused
-                if any(r.kept for r in kept):
+                if any(r.kept for r in kind_reports):
                     searched[kind.value] = with_scales(state.qparams, runner.current, lifted.weights)
         release_worker()  # the last block's session, when it was scored in this process
         acceptance = accept(state, searched) if searched else None
