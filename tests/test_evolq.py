@@ -227,7 +227,7 @@ def test_a_fused_candidate_scores_the_model_written_with_its_scales(tmp_path):
                          evolq=EvolqConfig(loss="mse", search_feeds=16, selection_feeds=8, graph="fused",
                                            scales="both"))
     state = _calibrated(config, small_cnn_feeds(40))
-    lifted, blocks = lifted_blocks(state)
+    lifted, blocks = lifted_blocks(state, state.config.evolq.scales)
     search, selection = _split(state, 16, 8)
     runner = _BlockRunner(state, lifted, blocks, search, selection)
     block = blocks[0]
@@ -315,7 +315,7 @@ def test_auto_writes_the_kind_the_held_out_feeds_prefer():
 def test_both_searches_a_blocks_activation_scales_then_its_weight_multipliers():
     config = QuantConfig(search=ScaleSearch.EVOLQ, evolq=EvolqConfig(scales="both", max_blocks=2))
     state = _calibrated(config, small_cnn_feeds(24))
-    lifted, blocks = lifted_blocks(state)
+    lifted, blocks = lifted_blocks(state, state.config.evolq.scales)
     weights = set(lifted.weights)
     kinds = [("weights" if set(b.groups) <= weights else "activations" if not set(b.groups) & weights
               else "mixed") for b in blocks]

@@ -45,6 +45,7 @@ worker opens that block's session on its first candidate.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -194,12 +195,10 @@ def _search_blocks(state: QuantState, runner: _BlockRunner, blocks: list[Block],
     return reports
 
 
-def lifted_blocks(state: QuantState,
-                  scales: SearchedScales | None = None) -> tuple[LiftedScales, list[Block]]:
-    """The search model of the state's emitted model (the scales `scales` names, by default
-    `[evolq] scales`, lifted to inputs) and its blocks, each holding only lifted scales."""
+def lifted_blocks(state: QuantState, scales: SearchedScales) -> tuple[LiftedScales, list[Block]]:
+    """The search model of the state's emitted model (the scales `scales` names lifted to
+    inputs; not auto, which is two searches) and its blocks, each holding only lifted scales."""
     settings = state.config.evolq
-    scales = scales or settings.scales
     quantized = emit(state.model, state.plan, state.qparams, emit_options(state.config))
     weights = [spec for spec in state.plan.weights if spec in state.qparams.weights] \
         if scales is not SearchedScales.ACTIVATIONS else []
@@ -407,14 +406,13 @@ class _BlockRunner:
         """The keep rule's verdict on the block's best candidate (None: nothing to judge)."""
         if not self.feeds["selection"] or result.loss >= result.start_loss:
             return None
-        incumbent = np.zeros(len(block.groups))
         if self.fused:
-            handle = Shared.inline(self._fused_job("selection", 1))
-            (pooled_before, before), (pooled_after, after) = (
-                score_emitted_feeds((handle, self._emitted(block, m))) for m in (incumbent, result.best))
-            return decide(pooled_before, pooled_after, before, after)
-        handle = Shared.inline(self._job(block, suffix, "selection", 1))
+            handle, score = Shared.inline(self._fused_job("selection", 1)), score_emitted_feeds
+            candidate = functools.partial(self._emitted, block)
+        else:
+            handle, score = Shared.inline(self._job(block, suffix, "selection", 1)), score_feeds
+            candidate = np.asarray
         (pooled_before, before), (pooled_after, after) = (
-            score_feeds((handle, incumbent)), score_feeds((handle, result.best)))
+            score((handle, candidate(m))) for m in (np.zeros(len(block.groups)), result.best))
         return decide(pooled_before, pooled_after, before, after)
 
