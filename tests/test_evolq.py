@@ -347,6 +347,26 @@ def test_same_seed_gives_a_byte_identical_model(graph):
     assert {"selection_median_change", "selection_improved_feeds"} <= set(card["search"]["blocks"][0])
 
 
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_workers_write_the_in_process_model_on_the_fused_graph(executor, monkeypatch):
+    """Candidates emitted and scored in worker processes (or Ray actors) give the model the
+    search writes in this process, byte for byte, for the same seed."""
+    if executor == "ray":
+        ray = pytest.importorskip("ray")
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    feeds = small_cnn_feeds(40)
+    search = EvolqConfig(budget=40, search_feeds=16, selection_feeds=8, graph="fused")
+    alone = onnxq.quantize(small_cnn(), feeds, QuantConfig(search=ScaleSearch.EVOLQ, evolq=search))
+    pooled = onnxq.quantize(small_cnn(), feeds, QuantConfig(search=ScaleSearch.EVOLQ, evolq=search,
+                                                            workers=2, executor=executor))
+    if executor == "ray":
+        ray.shutdown()
+    assert pooled.search.evaluations == alone.search.evaluations > 0
+    assert [b.loss_after for b in pooled.search.blocks] == \
+        [b.loss_after for b in alone.search.blocks]
+    assert pooled.model.SerializeToString() == alone.model.SerializeToString()
+
+
 def _pooled_and_per_feed_mse(session, float_model, feeds):
     """Relative output MSE of a session against the float model: pooled over feeds, and per feed."""
     reference = ort.InferenceSession(float_model.SerializeToString(), providers=["CPUExecutionProvider"])

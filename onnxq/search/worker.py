@@ -13,9 +13,11 @@ of all feeds pooled (onnxq.config.FeedWeighting). `score_feeds` also gives each 
 (the keep rule's paired per-feed test, onnxq.search.keep); a contrastive loss needs a batch of
 rows, so per feed infoNCE is replaced by MSE there.
 
-On the fused graph (`EmittedJob`) a candidate is instead the serialized model the emitter writes
-with its scales: a worker opens a session for it (ORT fuses the constant-scale Q/DQ pairs into
-integer kernels, as it will for the written model) and runs the whole model on the feeds.
+On the fused graph (`EmittedJob`) a candidate is instead its scales: the worker emits the model
+the emitter writes with them (`CandidateEmitter`, the prepared model sent once per job), opens a
+session for it (ORT fuses the constant-scale Q/DQ pairs into integer kernels, as it will for the
+written model) and runs the whole model on the feeds. Emitting in the workers keeps the main
+process from serializing the search: it only draws candidates.
 
 The search opens one pool and shares each block's job with it once (`WorkerPool.share`); a
 task is `(handle, m)`. `score_candidate` resolves the handle and opens the job's session the
@@ -25,12 +27,19 @@ module-level so that process pools can ship it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 
+from onnxq import model_io
 from onnxq.config import DamageMeasure
 from onnxq.data import Feed
+from onnxq.emit import EmitOptions, emit
+from onnxq.plan import QuantPlan, WeightQuant
+from onnxq.qparams import QParams
 from onnxq.scoring import sessions
 from onnxq.scoring.damage import search_loss
 from onnxq.scoring.executor import Shared, resolve
@@ -50,7 +59,9 @@ class BlockJob:
     equal_feeds: bool = False  # the loss: mean of each feed's own (True) or pooled (False)
 
 
-_WORKER: dict[str, object] = {}  # the job this worker scores: its key, the job, its session
+# the job this worker scores: its key, the job, and what it loaded for it (the lifted job's
+# session, or the fused job's prepared model)
+_WORKER: dict[str, object] = {}
 
 
 def _job_and_session(handle: Shared) -> tuple[BlockJob, object]:
@@ -58,14 +69,34 @@ def _job_and_session(handle: Shared) -> tuple[BlockJob, object]:
     if _WORKER.get("key") != handle.key:
         job: BlockJob = resolve(handle)
         session = sessions.open_session(job.model, "the search model", job.settings)
-        _WORKER.update(key=handle.key, job=job, session=session)
-    return _WORKER["job"], _WORKER["session"]
+        _WORKER.update(key=handle.key, job=job, loaded=session)
+    return _WORKER["job"], _WORKER["loaded"]
+
+
+@dataclass(frozen=True)
+class CandidateEmitter:
+    """What emitting a candidate model needs besides its scales: the prepared model (serialized:
+    onnx-ir models cannot be pickled), its plan, the base qparams, the searched weights (key ->
+    spec) and the emitter's options."""
+
+    model: bytes
+    plan: QuantPlan
+    qparams: QParams
+    weights: dict[str, WeightQuant]
+    options: EmitOptions
+
+    def emitted(self, prepared: ir.Model, scales: dict[str, np.ndarray]) -> bytes:
+        """The serialized model the emitter writes from `prepared` (this emitter's model, loaded)
+        with `scales` (every searched scale, by group)."""
+        qparams = with_scales(self.qparams, scales, self.weights)
+        return model_io.to_proto(emit(prepared, self.plan, qparams, self.options)).SerializeToString()
 
 
 @dataclass(frozen=True)
 class EmittedJob:
-    """What scoring candidates on the fused graph needs besides each candidate's model."""
+    """What scoring candidates on the fused graph needs besides each candidate's scales."""
 
+    emitter: CandidateEmitter
     settings: SessionSettings
     feeds: tuple[Feed, ...]
     reference: tuple[tuple[np.ndarray, ...], ...]  # [feed][output]
@@ -88,18 +119,29 @@ def score_feeds(task: tuple[Shared, np.ndarray]) -> tuple[float, np.ndarray]:
     return _losses(job, run_candidate(job, session, multipliers))
 
 
-def score_emitted(task: tuple[Shared, bytes]) -> float:
-    """The loss of an emitted candidate model (`EmittedJob`), run as ORT optimizes it."""
-    handle, model = task
-    job: EmittedJob = resolve(handle)
-    return _pooled_loss(job, run_emitted(job, model))
+def score_emitted(task: tuple[Shared, dict[str, np.ndarray]]) -> float:
+    """The loss of the model emitted with a candidate's scales (`EmittedJob`), run as ORT
+    optimizes it."""
+    handle, scales = task
+    job, prepared = _job_and_prepared(handle)
+    return _pooled_loss(job, run_emitted(job, job.emitter.emitted(prepared, scales)))
 
 
-def score_emitted_feeds(task: tuple[Shared, bytes]) -> tuple[float, np.ndarray]:
-    """The loss of an emitted candidate model, as `score_emitted`, and each feed's own."""
-    handle, model = task
-    job: EmittedJob = resolve(handle)
-    return _losses(job, run_emitted(job, model))
+def score_emitted_feeds(task: tuple[Shared, dict[str, np.ndarray]]) -> tuple[float, np.ndarray]:
+    """The loss of an emitted candidate, as `score_emitted`, and each feed's own."""
+    handle, scales = task
+    job, prepared = _job_and_prepared(handle)
+    return _losses(job, run_emitted(job, job.emitter.emitted(prepared, scales)))
+
+
+def _job_and_prepared(handle: Shared) -> tuple[EmittedJob, ir.Model]:
+    """The fused job behind `handle` and its prepared model, loaded the first time this process
+    meets the job."""
+    if _WORKER.get("key") != handle.key:
+        job: EmittedJob = resolve(handle)
+        prepared = ir.from_proto(onnx.load_from_string(job.emitter.model))
+        _WORKER.update(key=handle.key, job=job, loaded=prepared)
+    return _WORKER["job"], _WORKER["loaded"]
 
 
 def run_emitted(job: EmittedJob, model: bytes) -> list[list[np.ndarray]]:
@@ -134,6 +176,24 @@ def run_candidate(job: BlockJob, session: object, multipliers: np.ndarray) -> li
     scales = candidate_scales(job.scales, job.moved, multipliers)
     return [sessions.run(session, list(job.output_names), {**feed, **scales}, "the search model")
             for feed in job.feeds]
+
+
+def with_scales(qparams: QParams, scales: dict[str, np.ndarray],
+                weights: dict[str, WeightQuant] | None = None) -> QParams:
+    """A copy of `qparams` whose activation groups have the given scales (ranges moved with) and
+    whose weights in `weights` (key -> spec) have their scales times the given multiplier."""
+    activations, weight_params = dict(qparams.activations), dict(qparams.weights)
+    for key, scale in scales.items():
+        if weights and key in weights:
+            params = weight_params[weights[key]]
+            moved = (np.asarray(params.scale, np.float32) * np.float32(scale)).astype(np.float32)
+            weight_params[weights[key]] = dataclasses.replace(params, scale=moved)
+            continue
+        params = activations[key]
+        factor = float(scale) / float(params.scale)
+        activations[key] = dataclasses.replace(params, scale=np.float32(scale), lo=params.lo * factor,
+                                               hi=params.hi * factor)
+    return dataclasses.replace(qparams, activations=activations, weights=weight_params)
 
 
 def candidate_scales(current: dict[str, np.ndarray], moved: tuple[str, ...],

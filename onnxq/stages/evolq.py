@@ -58,7 +58,7 @@ from onnxq import model_io
 from onnxq.config import FeedWeighting, LossScope, ScaleSearch, SearchedScales, SearchGraph, Strategy
 from onnxq.data import Feed
 from onnxq.emit import emit, emit_options
-from onnxq.plan import BiasQuant, WeightQuant
+from onnxq.plan import BiasQuant
 from onnxq.qparams import QParams
 from onnxq.scoring.executor import Shared, WorkerPool, open_pool, threads_per_worker
 from onnxq.scoring.scorer import batch_feeds
@@ -76,6 +76,7 @@ from onnxq.search.graph import (
 from onnxq.search.keep import KeepDecision, decide
 from onnxq.search.worker import (
     BlockJob,
+    CandidateEmitter,
     EmittedJob,
     candidate_scales,
     release_worker,
@@ -83,6 +84,7 @@ from onnxq.search.worker import (
     score_emitted,
     score_emitted_feeds,
     score_feeds,
+    with_scales,
 )
 from onnxq.stages.bias import float_bias
 from onnxq.state import Observers, QuantState
@@ -218,24 +220,6 @@ def lifted_blocks(state: QuantState, scales: SearchedScales) -> tuple[LiftedScal
     return lifted, [b for b in blocks if b.groups]
 
 
-def with_scales(qparams: QParams, scales: dict[str, np.ndarray],
-                weights: dict[str, WeightQuant] | None = None) -> QParams:
-    """A copy of `qparams` whose activation groups have the given scales (ranges moved with) and
-    whose weights in `weights` (key -> spec) have their scales times the given multiplier."""
-    activations, weight_params = dict(qparams.activations), dict(qparams.weights)
-    for key, scale in scales.items():
-        if weights and key in weights:
-            params = weight_params[weights[key]]
-            moved = (np.asarray(params.scale, np.float32) * np.float32(scale)).astype(np.float32)
-            weight_params[weights[key]] = dataclasses.replace(params, scale=moved)
-            continue
-        params = activations[key]
-        factor = float(scale) / float(params.scale)
-        activations[key] = dataclasses.replace(params, scale=np.float32(scale), lo=params.lo * factor,
-                                               hi=params.hi * factor)
-    return dataclasses.replace(qparams, activations=activations, weights=weight_params)
-
-
 def accept(state: QuantState, searched: dict[str, QParams]) -> Acceptance:
     """Which searched scales (by kind) make the model closest to float on the held-out
     calibration feeds, and whether that one is at least as close as the base scales (the
@@ -301,6 +285,7 @@ class _BlockRunner:
         if state.config.evolq.graph is SearchGraph.FUSED and not self.fused:
             logger.info("scale search on the lifted graph: the model is too large to emit per candidate")
         self._fused_jobs: dict[str, EmittedJob] = {}
+        self._fused_search: Shared | None = None  # the search job, shared with the pool once
         self._cut_session = None if self.fused else state.scorer.session(with_outputs(lifted.model, cuts),
                                                                           "the search model")
         self._float: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -343,33 +328,32 @@ class _BlockRunner:
                         tuple(self.lifted.inputs[g] for g in block.groups), self.equal_feeds)
 
     def _fused_job(self, kind: str, workers: int) -> EmittedJob:
-        """What the workers need to score emitted candidates on the `kind` feeds (any block)."""
+        """What the workers need to emit and score candidates on the `kind` feeds (any block)."""
         if kind not in self._fused_jobs:
-            outputs = tuple(v.name for v in self.state.model.graph.outputs)
-            reference = tuple(tuple(self.state.float_session.run(list(outputs), feed))
+            state, config = self.state, self.state.config
+            outputs = tuple(v.name for v in state.model.graph.outputs)
+            reference = tuple(tuple(state.float_session.run(list(outputs), feed))
                               for feed in self.feeds[kind])
             threads = threads_per_worker(workers) if workers > 1 else 0
-            config = self.state.config
-            self._fused_jobs[kind] = EmittedJob(SessionSettings(threads=threads, provider=config.provider),
+            emitter = CandidateEmitter(model_io.to_proto(state.model).SerializeToString(), state.plan,
+                                       state.qparams, self.lifted.weights, emit_options(config))
+            self._fused_jobs[kind] = EmittedJob(emitter, SessionSettings(threads=threads,
+                                                                         provider=config.provider),
                                                 tuple(self.feeds[kind]), reference, outputs,
                                                 config.evolq.loss, self.equal_feeds)
         return self._fused_jobs[kind]
-
-    def _emitted(self, block: Block, multipliers: np.ndarray) -> bytes:
-        """The model the emitter writes with `block`'s scales moved by e^multipliers."""
-        scales = candidate_scales(self.current, block.groups, multipliers)
-        qparams = with_scales(self.state.qparams, scales, self.lifted.weights)
-        model = emit(self.state.model, self.state.plan, qparams, emit_options(self.state.config))
-        return model_io.to_proto(model).SerializeToString()
 
     def _scorer(self, pool: WorkerPool, block: Block, suffix: ir.Model | None,
                 steps: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         """The search's score function: candidates (n, groups) of log-steps -> their losses."""
         workers = self.state.config.workers
-        if self.fused:
-            handle = pool.share(self._fused_job("search", workers))
+        if self.fused:  # a candidate travels as its scales; the worker emits its model
+            if self._fused_search is None:  # the same job for every block: shared once
+                self._fused_search = pool.share(self._fused_job("search", workers))
+            handle = self._fused_search
             return lambda candidates: np.array(pool.map(
-                score_emitted, [(handle, self._emitted(block, c * steps)) for c in candidates]))
+                score_emitted, [(handle, candidate_scales(self.current, block.groups, c * steps))
+                                for c in candidates]))
         handle = pool.share(self._job(block, suffix, "search", workers))
         return lambda candidates: np.array(pool.map(score_candidate, [(handle, c * steps)
                                                                       for c in candidates]))
@@ -408,7 +392,7 @@ class _BlockRunner:
             return None
         if self.fused:
             handle, score = Shared.inline(self._fused_job("selection", 1)), score_emitted_feeds
-            candidate = functools.partial(self._emitted, block)
+            candidate = functools.partial(candidate_scales, self.current, block.groups)
         else:
             handle, score = Shared.inline(self._job(block, suffix, "selection", 1)), score_feeds
             candidate = np.asarray
