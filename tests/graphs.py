@@ -18,8 +18,9 @@ def _init(name: str, array: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(array.astype(np.float32), name)
 
 
-def small_cnn(seed: int = 0, batchnorm: bool = True) -> onnx.ModelProto:
-    """x -> Conv -> [BN] -> Relu -> MaxPool -> Conv -> Add(residual) -> GAP -> Flatten -> Gemm."""
+def small_cnn(seed: int = 0, batchnorm: bool = True, relu6: bool = False) -> onnx.ModelProto:
+    """x -> Conv -> [BN] -> Relu (`relu6`: Clip(0, 6)) -> MaxPool -> Conv -> Add(residual) -> GAP
+    -> Flatten -> Gemm."""
     rng = np.random.default_rng(seed)
     inits = [
         _init("w1", rng.normal(0, 0.3, (8, 3, 3, 3))), _init("b1", rng.normal(0, 0.1, 8)),
@@ -34,7 +35,10 @@ def small_cnn(seed: int = 0, batchnorm: bool = True) -> onnx.ModelProto:
         nodes.append(helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"],
                                       ["bn1"], name="bn1", epsilon=1e-5))
         source = "bn1"
+    if relu6:
+        inits += [_init("zero", np.array(0.0)), _init("six", np.array(6.0))]
     nodes += [
+        helper.make_node("Clip", [source, "zero", "six"], ["r1"], name="relu1") if relu6 else
         helper.make_node("Relu", [source], ["r1"], name="relu1"),
         helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2],
                          strides=[2, 2]),

@@ -23,6 +23,7 @@ from onnxq.report.card import card_markdown, quantization_card
 from onnxq.scoring.damage import search_loss
 from onnxq.scoring.executor import Shared, open_pool
 from onnxq.search.blocks import partition
+from onnxq.search.bounds import folds, fusion_ceilings
 from onnxq.search.evolution import EvolutionSettings, SearchResult, evolve, random_search
 from onnxq.search.graph import BLOCK_INPUT, lift_scales, suffix_model, with_outputs
 from onnxq.search.keep import decide, relative_changes
@@ -246,6 +247,44 @@ def test_a_fused_candidate_scores_the_model_written_with_its_scales(tmp_path):
     ort.InferenceSession(written.SerializeToString(), options, providers=["CPUExecutionProvider"])
     kernels = {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
     assert "QLinearConv" in kernels  # what was scored ran on ORT's integer kernels
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path, name: str) -> list[str]:
+    """The op types of ORT's optimized graph of `model`, in order."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(tmp_path / f"{name}.onnx").graph.node]
+
+
+def test_a_scale_is_capped_where_raising_it_would_leave_a_clip_in_float(tmp_path):
+    """ORT folds a ReLU6 (Clip 0..6) into the QuantizeLinear after it only while the Q's range
+    stays inside [0, 6]: a candidate scale above the group's ceiling would leave DQ -> Clip -> Q
+    in float, so candidates are capped there, and a search keeps ORT's optimized graph as it is."""
+    feeds = small_cnn_feeds(40)
+    config = QuantConfig(search=ScaleSearch.EVOLQ, evolq=EvolqConfig(budget=40, search_feeds=16,
+                                                                      selection_feeds=8))
+    state = _calibrated(config, feeds, small_cnn(relu6=True))
+    ceilings = fusion_ceilings(state.model, state.plan, state.qparams)
+    [(group, ceiling)] = ceilings.items()  # the Clip's group, and no other
+    params, grid = state.qparams.activations[group], next(
+        g.grid for g in state.plan.activation_groups if g.stats_tensor == group)
+    assert folds(ceiling, params.zero_point, grid, 0.0, 6.0)
+    assert not folds(np.nextafter(ceiling, np.float32(np.inf)), params.zero_point, grid, 0.0, 6.0)
+    current = {group: np.asarray(params.scale, np.float32)}
+    past = np.log(float(ceiling) / float(params.scale)) + 0.05
+    ops = {}
+    for label, caps in (("capped", ceilings), ("uncapped", None)):
+        scales = candidate_scales(current, (group,), np.array([past]), caps)
+        moved = model_io.to_proto(emit(state.model, state.plan, with_scales(state.qparams, scales),
+                                       emit_options(state.config)))
+        ops[label] = _optimized_ops(moved, tmp_path, label)
+    assert "Clip" in ops["uncapped"] and "Clip" not in ops["capped"]  # the cap is what keeps it folded
+    searched = onnxq.quantize(small_cnn(relu6=True), feeds, config)
+    base = onnxq.quantize(small_cnn(relu6=True), feeds, QuantConfig())
+    assert searched.search.evaluations > 0
+    assert _optimized_ops(searched.model, tmp_path, "searched") == \
+        _optimized_ops(base.model, tmp_path, "base")
 
 
 def test_weight_search_undoes_a_spoiled_weight_scale():

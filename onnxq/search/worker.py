@@ -28,6 +28,7 @@ module-level so that process pools can ship it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,7 @@ class BlockJob:
     scales: dict[str, np.ndarray]  # lifted input name -> current scale
     moved: tuple[str, ...]  # the inputs a candidate's multipliers apply to, in order
     equal_feeds: bool = False  # the loss: mean of each feed's own (True) or pooled (False)
+    ceilings: dict[str, np.float32] = dataclasses.field(default_factory=dict)  # input name -> cap
 
 
 # the job this worker scores: its key, the job, and what it loaded for it (the lifted job's
@@ -173,7 +175,7 @@ def release_worker() -> None:
 
 def run_candidate(job: BlockJob, session: object, multipliers: np.ndarray) -> list[list[np.ndarray]]:
     """Outputs of the suffix on every feed with the candidate's scales."""
-    scales = candidate_scales(job.scales, job.moved, multipliers)
+    scales = candidate_scales(job.scales, job.moved, multipliers, job.ceilings)
     return [sessions.run(session, list(job.output_names), {**feed, **scales}, "the search model")
             for feed in job.feeds]
 
@@ -196,10 +198,15 @@ def with_scales(qparams: QParams, scales: dict[str, np.ndarray],
     return dataclasses.replace(qparams, activations=activations, weights=weight_params)
 
 
-def candidate_scales(current: dict[str, np.ndarray], moved: tuple[str, ...],
-                     multipliers: np.ndarray) -> dict[str, np.ndarray]:
-    """`current` with each moved scale times e^m (float32, as the model reads them)."""
+def candidate_scales(current: dict[str, np.ndarray], moved: tuple[str, ...], multipliers: np.ndarray,
+                     ceilings: Mapping[str, np.float32] | None = None) -> dict[str, np.ndarray]:
+    """`current` with each moved scale times e^m (float32, as the model reads them), capped at
+    its ceiling where it has one (onnxq.search.bounds)."""
     scales = dict(current)
+    ceilings = ceilings or {}
     for name, multiplier in zip(moved, np.asarray(multipliers, np.float64), strict=True):
-        scales[name] = np.asarray(current[name].astype(np.float64) * np.exp(multiplier), np.float32)
+        scaled = current[name].astype(np.float64) * np.exp(multiplier)
+        if name in ceilings:
+            scaled = np.minimum(scaled, np.float64(ceilings[name]))
+        scales[name] = np.asarray(scaled, np.float32)
     return scales

@@ -64,6 +64,7 @@ from onnxq.scoring.executor import Shared, WorkerPool, open_pool, threads_per_wo
 from onnxq.scoring.scorer import batch_feeds
 from onnxq.scoring.sessions import SessionSettings, needs_external_data
 from onnxq.search.blocks import Block, partition
+from onnxq.search.bounds import fusion_ceilings
 from onnxq.search.evolution import EvolutionSettings, SearchResult, evolve, random_search
 from onnxq.search.graph import (
     BLOCK_INPUT,
@@ -272,6 +273,8 @@ class _BlockRunner:
                  search: list[Feed], selection: list[Feed]) -> None:
         self.state, self.lifted = state, lifted
         self.current = {group: lifted.defaults[group] for group in lifted.inputs}
+        # scales capped where raising them would leave a Clip in float (onnxq.search.bounds)
+        self.ceilings = fusion_ceilings(state.model, state.plan, state.qparams)
         self.local = state.config.evolq.scope is LossScope.LOCAL
         cuts = sorted({tensor for b in blocks for tensor in (b.input, b.output) if tensor is not None})
         free = all(value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int)
@@ -321,11 +324,13 @@ class _BlockRunner:
             reference = tuple(tuple(self.state.float_session.run(list(outputs), feed))
                               for feed in self.feeds[kind])
         scales = {self.lifted.inputs[g]: s for g, s in self.current.items() if self.lifted.inputs[g] in used}
+        ceilings = {self.lifted.inputs[g]: c for g, c in self.ceilings.items()
+                    if self.lifted.inputs.get(g) in used}
         threads = threads_per_worker(workers) if workers > 1 else 0
         return BlockJob(model_io.to_proto(suffix).SerializeToString(),
                         SessionSettings(threads=threads, provider=config.provider), feeds, reference,
                         outputs, config.evolq.loss, scales,
-                        tuple(self.lifted.inputs[g] for g in block.groups), self.equal_feeds)
+                        tuple(self.lifted.inputs[g] for g in block.groups), self.equal_feeds, ceilings)
 
     def _fused_job(self, kind: str, workers: int) -> EmittedJob:
         """What the workers need to emit and score candidates on the `kind` feeds (any block)."""
@@ -343,6 +348,10 @@ class _BlockRunner:
                                                 config.evolq.loss, self.equal_feeds)
         return self._fused_jobs[kind]
 
+    def _scales(self, block: Block, multipliers: np.ndarray) -> dict[str, np.ndarray]:
+        """Every searched scale, `block`'s moved by e^multipliers (capped at their ceilings)."""
+        return candidate_scales(self.current, block.groups, multipliers, self.ceilings)
+
     def _scorer(self, pool: WorkerPool, block: Block, suffix: ir.Model | None,
                 steps: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         """The search's score function: candidates (n, groups) of log-steps -> their losses."""
@@ -352,8 +361,7 @@ class _BlockRunner:
                 self._fused_search = pool.share(self._fused_job("search", workers))
             handle = self._fused_search
             return lambda candidates: np.array(pool.map(
-                score_emitted, [(handle, candidate_scales(self.current, block.groups, c * steps))
-                                for c in candidates]))
+                score_emitted, [(handle, self._scales(block, c * steps)) for c in candidates]))
         handle = pool.share(self._job(block, suffix, "search", workers))
         return lambda candidates: np.array(pool.map(score_candidate, [(handle, c * steps)
                                                                       for c in candidates]))
@@ -375,7 +383,7 @@ class _BlockRunner:
         decision = self._selection(block, suffix, result)
         kept = result.loss < result.start_loss and (decision is None or decision.kept)
         if kept:
-            moved = candidate_scales(self.current, block.groups, result.best)
+            moved = self._scales(block, result.best)
             self.current.update(moved)
         logger.info("block of %d groups from %s: loss %.5g -> %.5g, selection %s", len(block.groups),
                     block.input, result.start_loss, result.loss, decision)
@@ -392,7 +400,7 @@ class _BlockRunner:
             return None
         if self.fused:
             handle, score = Shared.inline(self._fused_job("selection", 1)), score_emitted_feeds
-            candidate = functools.partial(candidate_scales, self.current, block.groups)
+            candidate = functools.partial(self._scales, block)
         else:
             handle, score = Shared.inline(self._job(block, suffix, "selection", 1)), score_feeds
             candidate = np.asarray
