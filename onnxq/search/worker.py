@@ -62,7 +62,8 @@ class BlockJob:
 
 
 # the job this worker scores: its key, the job, and what it loaded for it (the lifted job's
-# session, or the fused job's prepared model)
+# session, or the fused job's prepared model and the bytes it was loaded from, which the
+# search and selection jobs of one search share)
 _WORKER: dict[str, object] = {}
 
 
@@ -71,7 +72,7 @@ def _job_and_session(handle: Shared) -> tuple[BlockJob, object]:
     if _WORKER.get("key") != handle.key:
         job: BlockJob = resolve(handle)
         session = sessions.open_session(job.model, "the search model", job.settings)
-        _WORKER.update(key=handle.key, job=job, loaded=session)
+        _WORKER.update(key=handle.key, job=job, loaded=session, source=None)
     return _WORKER["job"], _WORKER["loaded"]
 
 
@@ -138,11 +139,13 @@ def score_emitted_feeds(task: tuple[Shared, dict[str, np.ndarray]]) -> tuple[flo
 
 def _job_and_prepared(handle: Shared) -> tuple[EmittedJob, ir.Model]:
     """The fused job behind `handle` and its prepared model, loaded the first time this process
-    meets the job."""
+    meets the job, unless the job before it carried the same model."""
     if _WORKER.get("key") != handle.key:
         job: EmittedJob = resolve(handle)
-        prepared = ir.from_proto(onnx.load_from_string(job.emitter.model))
-        _WORKER.update(key=handle.key, job=job, loaded=prepared)
+        source = job.emitter.model
+        prepared = _WORKER["loaded"] if _WORKER.get("source") is source else \
+            ir.from_proto(onnx.load_from_string(source))
+        _WORKER.update(key=handle.key, job=job, loaded=prepared, source=source)
     return _WORKER["job"], _WORKER["loaded"]
 
 

@@ -340,13 +340,19 @@ class _BlockRunner:
             reference = tuple(tuple(state.float_session.run(list(outputs), feed))
                               for feed in self.feeds[kind])
             threads = threads_per_worker(workers) if workers > 1 else 0
-            emitter = CandidateEmitter(model_io.to_proto(state.model).SerializeToString(), state.plan,
-                                       state.qparams, self.lifted.weights, emit_options(config))
-            self._fused_jobs[kind] = EmittedJob(emitter, SessionSettings(threads=threads,
+            self._fused_jobs[kind] = EmittedJob(self._emitter, SessionSettings(threads=threads,
                                                                          provider=config.provider),
                                                 tuple(self.feeds[kind]), reference, outputs,
                                                 config.evolq.loss, self.equal_feeds)
         return self._fused_jobs[kind]
+
+    @functools.cached_property
+    def _emitter(self) -> CandidateEmitter:
+        """What emits a candidate: one for the search and selection jobs, so a process that
+        scores both loads the prepared model once."""
+        state = self.state
+        return CandidateEmitter(model_io.to_proto(state.model).SerializeToString(), state.plan,
+                                state.qparams, self.lifted.weights, emit_options(state.config))
 
     def _scales(self, block: Block, multipliers: np.ndarray) -> dict[str, np.ndarray]:
         """Every searched scale, `block`'s moved by e^multipliers (capped at their ceilings)."""
