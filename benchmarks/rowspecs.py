@@ -71,6 +71,11 @@ ROWS: tuple[RowSpec, ...] = (
     *(RowSpec(f"onnxq W{bits}A8 {method}", "onnxq", "onnxq",
               _options(weight_bits=bits, weight_method=method))
       for bits in (4, 3) for method in ("rtn", "comq")),
+    # COMQ's first search alone, without the sequential one toward the float outputs (on by
+    # default since 2026-12-06), at W4 and W3.
+    *(RowSpec(f"onnxq W{bits}A8 comq one pass", "onnxq", "onnxq",
+              _options(weight_bits=bits, weight_method="comq", comq_sequential=False))
+      for bits in (4, 3)),
     # Evol-Q's scale search (default settings) on the default W8A8 model and on COMQ's W4A8.
     RowSpec("onnxq evolq", "onnxq", "onnxq", _options(search="evolq")),
     RowSpec("onnxq W4A8 comq + evolq", "onnxq", "onnxq",

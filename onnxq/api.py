@@ -3,7 +3,7 @@ in memory. It holds no algorithm: it builds the run's state, runs the stages in 
 (onnxq.state), and returns the result.
 
     load -> prepare (passes, SmoothQuant, plan) -> one calibration pass for every stage
-      -> ranges -> allocate (when a budget is set) -> weights -> bias -> comq inputs (when asked)
+      -> ranges -> allocate (when a budget is set) -> weights -> bias -> sequential comq (when asked)
       -> modes (activations = auto) -> evolq (scale search, when asked) -> emit -> verify
       -> QuantResult
 
@@ -29,7 +29,8 @@ from onnxq.stages.evolq import EvolqSearch
 from onnxq.stages.latency import MeasureLatency
 from onnxq.stages.prepare import load_state, prepare_state
 from onnxq.stages.ranges import ActivationRanges
-from onnxq.stages.weights import SequentialComq, WeightSearch
+from onnxq.stages.sequential_comq import SequentialComq
+from onnxq.stages.weights import WeightSearch
 from onnxq.state import ProgressCallback, QuantState, Stage, run_stages
 
 __all__ = ["ProgressCallback", "QuantResult", "quantize"]

@@ -1,7 +1,7 @@
 """The state of one quantization run, and the `Stage` protocol its stages follow.
 
     load -> prepare -> [every stage's observers, one calibration pass through ORT]
-         -> ranges -> allocate? -> weights -> bias -> comq inputs? -> emit -> verify
+         -> ranges -> allocate? -> weights -> bias -> sequential comq? -> emit -> verify
 
 `QuantState` is the one object the stages share: the prepared model and its node index, the
 plan, the parameters chosen so far, the calibration and held-out feeds, the Scorer (the one

@@ -18,7 +18,7 @@ from onnxq.qparams import round_to_nearest_weight
 from onnxq.stages.allocate import Allocation
 from onnxq.stages.bias import BiasCorrector
 from onnxq.stages.prepare import load_state, prepare_state
-from onnxq.stages.weights import SequentialComq
+from onnxq.stages.sequential_comq import SequentialComq
 from onnxq.state import run_stages
 from onnxq.weights.registry import register, searcher_for
 from onnxq.weights.rtn import RoundToNearest

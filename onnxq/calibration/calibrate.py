@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import helper
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxq.calibration.ranges import compute_range
 from onnxq.calibration.statistics import TensorStatistics
@@ -67,6 +68,16 @@ def expose_values(model: ir.Model, names: Sequence[str]) -> ir.Model:
                 value.type = ir.TensorType(ir.DataType.FLOAT)
             exposed.graph.outputs.append(value)
     return exposed
+
+
+def values_only(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A shallow clone of the model whose outputs are the values `names` alone, without the
+    nodes they do not need (ORT runs every node of a graph, wanted or not)."""
+    exposed = expose_values(model, names)
+    wanted = [value for value in exposed.graph.outputs if value.name in set(names)]
+    exposed.graph.outputs.clear()
+    exposed.graph.outputs.extend(wanted)
+    return RemoveUnusedNodesPass()(exposed).model
 
 
 def _values(graph: ir.Graph):

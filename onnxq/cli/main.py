@@ -171,6 +171,9 @@ def _build_config(config_file: Path | None, **flags: object) -> QuantConfig:
               help="Skip channel equalization of Conv activations (on by default; exact in float).")
 @click.option("--no-bias-correction", is_flag=True, default=None,
               help="Skip bias correction of Conv/Gemm (on by default).")
+@click.option("--no-comq-sequential", is_flag=True, default=None,
+              help="With COMQ weights: skip the second search, layer by layer on the quantized "
+                   "model's inputs toward the float outputs (on by default; most of COMQ's time).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="TOML file with the same settings (flags given here override it).")
 @click.option("--holdout", type=click.IntRange(min=0), default=None,
@@ -220,6 +223,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
                      group_size: str | None, act_type: str | None,
                      exclude: tuple[str, ...], no_activation_matmul: bool | None,
                      no_smooth: bool | None, no_equalize: bool | None, no_bias_correction: bool | None,
+                     no_comq_sequential: bool | None,
                      config_file: Path | None, holdout: int | None, max_feeds: int | None,
                      min_cosine: float | None, seed: int | None, search: str | None,
                      search_budget: int | None, search_loss: str | None, search_scales: str | None,
@@ -259,6 +263,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path | None, ac
         smooth=False if no_smooth else None,
         equalize=False if no_equalize else None,
         bias_correction=False if no_bias_correction else None,
+        comq_sequential=False if no_comq_sequential else None,
         holdout=holdout, max_feeds=max_feeds, min_cosine=min_cosine, seed=seed, search=search,
         workers=workers, executor=executor, provider=provider)
     evolq = {key: value for key, value in (("budget", search_budget), ("loss", search_loss),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxq import numerics
 from onnxq.calibration.bias_correction import (
@@ -42,9 +43,12 @@ class BiasCorrector:
     def observers(self) -> Observers:
         return {tensor: [mean] for tensor, mean in self.input_means.items()}
 
-    def for_layer(self, weight_spec: WeightQuant, params: WeightParams) -> np.ndarray | None:
+    def for_layer(self, weight_spec: WeightQuant, params: WeightParams,
+                  quantized_input_mean: np.ndarray | None = None) -> np.ndarray | None:
         """The corrected bias of `weight_spec`'s layer with these weight parameters (None when
-        the layer has no correctable bias)."""
+        the layer has no correctable bias): b - (W_q - W) E[x]. Given the layer's mean input in
+        the quantized model, E[x_q], the bias also absorbs that mean's shift from the float
+        model's: b - (W_q E[x_q] - W E[x]) = b - (W_q - W) E[x_q] - W (E[x_q] - E[x])."""
         spec = self.by_layer.get(weight_spec.node)
         if spec is None:
             return None
@@ -52,11 +56,11 @@ class BiasCorrector:
         weight = node.inputs[weight_spec.input_index].const_value.numpy()
         error = params.dequantized(weight_spec.axis) - weight
         mean = self.input_means[spec.activation].mean
-        if node.op_type == "Conv":
-            group = node.attributes["group"].as_int() if "group" in node.attributes else 1
-            shift = conv_output_shift(error, mean, group)
+        if quantized_input_mean is None:
+            shift = _output_shift(node, error, mean)
         else:
-            shift = gemm_output_shift(error, mean, trans_b=gemm_weight_axis(node) == 0)
+            shift = (_output_shift(node, error, quantized_input_mean)
+                     + _output_shift(node, weight, quantized_input_mean - mean))
         return corrected_bias(node.inputs[spec.input_index].const_value.numpy(), shift)
 
     def corrected(self, plan: QuantPlan,
@@ -65,6 +69,14 @@ class BiasCorrector:
         weight_specs = {spec.node: spec for spec in plan.weights}
         return {spec: self.for_layer(weight_specs[spec.node], weights[weight_specs[spec.node]])
                 for spec in self.correctable}
+
+
+def _output_shift(node: ir.Node, weight: np.ndarray, input_mean: np.ndarray) -> np.ndarray:
+    """The mean output of a Conv or Gemm weight (no bias) on inputs of this channel mean."""
+    if node.op_type == "Conv":
+        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        return conv_output_shift(weight, input_mean, group)
+    return gemm_output_shift(weight, input_mean, trans_b=gemm_weight_axis(node) == 0)
 
 
 class BiasCorrection:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.calibration.bias_correction import RunningChannelMean
 from onnxq.passes.op_table import gemm_weight_axis
 
 
@@ -102,16 +103,43 @@ class GramAccumulator:
         self.rows = 0
 
     def update(self, x: np.ndarray) -> None:
+        self._accumulate(self.sampled_patches(x))
+
+    def _accumulate(self, patches: np.ndarray) -> None:
+        gram = np.matmul(patches.transpose(0, 2, 1), patches).astype(np.float64)
+        self.hessian = gram if self.hessian is None else self.hessian + gram
+        self.rows += patches.shape[1]
+
+    def sampled_patches(self, x: np.ndarray) -> np.ndarray:
+        """The feed's input vectors (groups, rows, d_in), at most `max_rows` per group, at an even
+        stride (the same rows for any two inputs of one shape)."""
         x = np.asarray(x, np.float32)
         if self.geometry is not None:
             patches = conv_patches(x, self.geometry)
         else:
             patches = x.reshape(1, -1, x.shape[-1])
         stride = -(-patches.shape[1] // self.max_rows)
-        patches = np.ascontiguousarray(patches[:, ::stride])
-        gram = np.matmul(patches.transpose(0, 2, 1), patches).astype(np.float64)
-        self.hessian = gram if self.hessian is None else self.hessian + gram
-        self.rows += patches.shape[1]
+        return np.ascontiguousarray(patches[:, ::stride])
+
+
+class PairedGramAccumulator(GramAccumulator):
+    """Streams a layer's inputs in two models run on the same feeds: the quantized model's
+    (x_q) and the float model's (x). Keeps H = X_q^T X_q (`hessian`, what COMQ searches
+    with), the cross product C = X_q^T X (`cross`) and the quantized input's channel means."""
+
+    def __init__(self, node: ir.Node, weight: np.ndarray, max_rows: int = 4096) -> None:
+        super().__init__(node, weight, max_rows)
+        self.cross: np.ndarray | None = None
+        self.quantized_mean = RunningChannelMean(1 if node.op_type == "Conv" else -1)
+
+    def update_pair(self, quantized: np.ndarray, reference: np.ndarray) -> None:
+        if np.shape(quantized) != np.shape(reference):
+            raise ValueError(f"paired inputs differ in shape: {np.shape(quantized)}, {np.shape(reference)}")
+        sampled_q, sampled = self.sampled_patches(quantized), self.sampled_patches(reference)
+        self._accumulate(sampled_q)
+        self.quantized_mean.update(quantized)
+        cross = np.matmul(sampled_q.transpose(0, 2, 1), sampled).astype(np.float64)
+        self.cross = cross if self.cross is None else self.cross + cross
 
 
 def weight_rows(node: ir.Node, weight: np.ndarray, group: int = 1) -> np.ndarray:

@@ -80,8 +80,11 @@ def gram_observers(layers: Mapping[WeightQuant, ir.Node]) -> dict[WeightQuant, G
 
 def comq_weight_params(layers: Mapping[WeightQuant, ir.Node],
                        grams: Mapping[WeightQuant, GramAccumulator],
-                       settings: ComqConfig) -> dict[WeightQuant, WeightParams]:
-    """COMQ parameters for every layer whose Gram matrix saw data."""
+                       settings: ComqConfig,
+                       targets: Mapping[WeightQuant, np.ndarray] | None = None,
+                       ) -> dict[WeightQuant, WeightParams]:
+    """COMQ parameters for every layer whose Gram matrix saw data; each layer's weight is the
+    one to approach unless `targets` gives other rows (groups, rows, d_in) for it."""
     params = {}
     for spec, node in layers.items():
         gram = grams[spec]
@@ -89,7 +92,7 @@ def comq_weight_params(layers: Mapping[WeightQuant, ir.Node],
             continue
         weight = node.inputs[spec.input_index].const_value.numpy()
         group = gram.geometry.group if gram.geometry is not None else 1
-        rows = weight_rows(node, weight, group)
+        rows = targets[spec] if targets and spec in targets else weight_rows(node, weight, group)
         # the plan decides (WeightQuant.symmetric): 8-bit weights and Convs stored fast stay
         # symmetric, since ORT's fast QLinearConv / QGemm kernels need a zero weight zero
         # point (asymmetric int8 Convs ran EfficientNet-Lite0 ~10x slower)
