@@ -150,3 +150,25 @@ def test_the_ridge_must_be_positive():
         ComqConfig(float_target_ridge=0.0)
     with pytest.raises(ValueError, match="ridge"):
         float_target_rows(np.ones((1, 1, 2)), np.eye(2)[None], np.eye(2)[None], 0.0)
+
+
+def test_at_eight_bits_the_stage_leaves_the_model_as_one_pass_writes_it():
+    model, calib, config = _digits(8)
+    sequential = onnxq.quantize(model, calib, config)
+    one_pass = onnxq.quantize(model, calib, dataclasses.replace(config, comq_sequential=False))
+    assert sequential.model.SerializeToString() == one_pass.model.SerializeToString()
+
+
+def test_allocated_bits_are_searched_again_at_their_allocated_grids():
+    """With a mean-bits budget the allocator changes bits after planning; the stage takes the
+    final plan's layers, and each keeps codes on its own grid."""
+    model, calib, config = _digits(8, avg_bits=4.0)
+    result = onnxq.quantize(model, calib, config)
+    one_pass = onnxq.quantize(model, calib, dataclasses.replace(config, comq_sequential=False))
+    assert any(spec.grid.bits < 8 for spec in result.plan.weights)
+    changed = 0
+    for spec in result.plan.weights:
+        codes = result.qparams.weights[spec].codes
+        assert spec.grid.qmin <= codes.min() and codes.max() <= spec.grid.qmax, spec.node
+        changed += not np.array_equal(codes, one_pass.qparams.weights[spec].codes)
+    assert changed >= 1
