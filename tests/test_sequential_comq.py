@@ -2,6 +2,7 @@
 digit CNN through ONNX Runtime (its real calibration data)."""
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,12 @@ def _digits(bits: int, **options):
     return BUNDLED / "digit_cnn.onnx", BUNDLED / "digit_cnn_calib.npz", config
 
 
+@functools.cache
+def _first_pass_once(bits: int):
+    """`_first_pass`, shared by the tests that only read it."""
+    return _first_pass(bits)
+
+
 def _first_pass(bits: int):
     """The digit CNN through calibration, COMQ on float inputs and bias correction, and every
     COMQ layer's inputs in that quantized model paired with the float model's."""
@@ -59,21 +66,21 @@ def _rows_of(spec, node, params_or_weight, gram):
     return weight_rows(node, weight, group).astype(np.float64)
 
 
-@pytest.mark.parametrize("ridge", [0.01, 1.0, 100.0])
-def test_float_target_is_the_weight_when_the_inputs_agree(ridge):
-    state, layers, grams = _first_pass(4)
+def test_float_target_is_the_weight_when_the_inputs_agree():
+    _, layers, grams = _first_pass_once(4)
     for spec, node in layers.items():
         gram = grams[spec]
         rows = _rows_of(spec, node, node.inputs[spec.input_index].const_value.numpy(), gram)
-        target = float_target_rows(rows, gram.hessian, gram.hessian, ridge)  # C = H: X_q = X
-        np.testing.assert_allclose(target, rows, rtol=1e-6, atol=1e-6 * np.abs(rows).max())
+        for ridge in (0.01, 1.0, 100.0):
+            target = float_target_rows(rows, gram.hessian, gram.hessian, ridge)  # C = H: X_q = X
+            np.testing.assert_allclose(target, rows, rtol=1e-6, atol=1e-6 * np.abs(rows).max())
 
 
 def test_float_targets_and_their_codes_come_closer_to_the_float_outputs():
     """On the quantized model's real inputs: the ridge target never does worse than the float
     weight (it minimizes the error plus a penalty that is 0 at w), and COMQ toward the targets
     lowers the error of COMQ toward the weights in every layer."""
-    state, layers, grams = _first_pass(4)
+    state, layers, grams = _first_pass_once(4)
     for spec, node in layers.items():
         gram = grams[spec]
         rows = _rows_of(spec, node, node.inputs[spec.input_index].const_value.numpy(), gram)
@@ -86,7 +93,7 @@ def test_float_targets_and_their_codes_come_closer_to_the_float_outputs():
 
 
 def test_paired_inputs_differ_and_their_shapes_must_match():
-    _, _, grams = _first_pass(3)
+    _, _, grams = _first_pass_once(4)
     for gram in grams.values():
         assert gram.cross.shape == gram.hessian.shape
         assert not np.allclose(gram.cross, gram.hessian)  # quantized inputs are not the float ones
@@ -162,7 +169,7 @@ def test_at_eight_bits_the_stage_leaves_the_model_as_one_pass_writes_it():
 def test_allocated_bits_are_searched_again_at_their_allocated_grids():
     """With a mean-bits budget the allocator changes bits after planning; the stage takes the
     final plan's layers, and each keeps codes on its own grid."""
-    model, calib, config = _digits(8, avg_bits=4.0)
+    model, calib, config = _digits(8, avg_bits=4.0, candidate_bits=(4, 8), max_feeds=24)
     result = onnxq.quantize(model, calib, config)
     one_pass = onnxq.quantize(model, calib, dataclasses.replace(config, comq_sequential=False))
     assert any(spec.grid.bits < 8 for spec in result.plan.weights)
@@ -172,3 +179,15 @@ def test_allocated_bits_are_searched_again_at_their_allocated_grids():
         assert spec.grid.qmin <= codes.min() and codes.max() <= spec.grid.qmax, spec.node
         changed += not np.array_equal(codes, one_pass.qparams.weights[spec].codes)
     assert changed >= 1
+
+
+def test_dynamic_layers_keep_their_first_search():
+    """A Gemm with dynamic activations quantizes its input inside its kernel: the stage leaves
+    it as COMQ's first search wrote it and searches the static Convs again."""
+    model, calib, config = _digits(4, activations="dynamic", layer_bits=("Gemm=8",), max_feeds=24)
+    result = onnxq.quantize(model, calib, config)
+    one_pass = onnxq.quantize(model, calib, dataclasses.replace(config, comq_sequential=False))
+    assert result.plan.dynamic_layers
+    for spec in result.plan.weights:
+        same = np.array_equal(result.qparams.weights[spec].codes, one_pass.qparams.weights[spec].codes)
+        assert same == (spec.node in result.plan.dynamic_layers), spec.node
