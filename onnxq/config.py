@@ -275,7 +275,8 @@ class ComqConfig:
             raise ConfigError("comq scale_candidates must be fractions in (0, 1.5]")
         if self.damping < 0:
             raise ConfigError(f"comq damping must be >= 0, got {self.damping}")
-        if not self.float_target_ridge > 0:
+        ridge = self.float_target_ridge
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
             raise ConfigError(f"comq float_target_ridge must be > 0, got {self.float_target_ridge}")
 
 

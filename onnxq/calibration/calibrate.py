@@ -74,7 +74,8 @@ def values_only(model: ir.Model, names: Sequence[str]) -> ir.Model:
     """A shallow clone of the model whose outputs are the values `names` alone, without the
     nodes they do not need (ORT runs every node of a graph, wanted or not)."""
     exposed = expose_values(model, names)
-    wanted = [value for value in exposed.graph.outputs if value.name in set(names)]
+    named = set(names)
+    wanted = [value for value in exposed.graph.outputs if value.name in named]
     exposed.graph.outputs.clear()
     exposed.graph.outputs.extend(wanted)
     return RemoveUnusedNodesPass()(exposed).model
