@@ -48,9 +48,7 @@ def _first_pass(bits: int):
     prepare_state(state)
     run_stages(state, [ActivationRanges(), WeightSearch(), BiasCorrection()])
     layers = state.weights.targets
-    reference = open_session(expose_values(state.model, sorted({n.inputs[0].name for n in layers.values()})),
-                             "the float model")
-    return state, layers, _paired_grams(state, dict(layers), reference)
+    return state, layers, _paired_grams(state, dict(layers))
 
 
 def _paired_error(rows, quantized_rows, gram):

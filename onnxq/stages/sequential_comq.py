@@ -25,9 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
-from onnxq.calibration.calibrate import calibration_settings, expose_values, values_only
+from onnxq.calibration.calibrate import calibration_settings, values_only
 from onnxq.config import ComqConfig, WeightMethod
 from onnxq.emit import emit, emit_options
 from onnxq.plan import WeightQuant
@@ -61,14 +60,11 @@ class SequentialComq:
         by_name = {spec.node: spec for spec in layers}
         order = [node.name for node in state.model.graph if node.name in by_name]
         waves = layer_waves(state.model.graph, order)
-        inputs = sorted({node.inputs[0].name for node in layers.values()})
-        reference = open_session(expose_values(state.model, inputs), "the float model",
-                                 calibration_settings(state.scorer.settings, state.model))
         progress = state.stage_progress(self.name, len(waves))
         quantized_means: dict[WeightQuant, np.ndarray] = {}
         for wave in waves:
             wave_layers = {by_name[name]: layers[by_name[name]] for name in wave}
-            quantized_means.update(_search_wave(state, wave_layers, reference, state.config.comq))
+            quantized_means.update(_search_wave(state, wave_layers, state.config.comq))
             if progress is not None:
                 progress(1)
         if fit_weight_scales_to_biases(state):  # a dead channel's scale rose: its codes changed
@@ -76,10 +72,10 @@ class SequentialComq:
                 _correct_bias(state, spec, mean)
 
 
-def _search_wave(state: QuantState, layers: dict[WeightQuant, ir.Node], reference: ort.InferenceSession,
+def _search_wave(state: QuantState, layers: dict[WeightQuant, ir.Node],
                  settings: ComqConfig) -> dict[WeightQuant, np.ndarray]:
     """Search the wave's layers toward their float targets; their quantized input means."""
-    grams = _paired_grams(state, layers, reference)
+    grams = _paired_grams(state, layers)
     targets = {spec: float_target_rows(_rows(layers[spec], spec, gram), gram.hessian, gram.cross,
                                        settings.float_target_ridge)
                for spec, gram in grams.items() if gram.hessian is not None}
@@ -119,10 +115,10 @@ def _downstream(node: ir.Node) -> set[str]:
     return seen
 
 
-def _paired_grams(state: QuantState, layers: dict[WeightQuant, ir.Node],
-                  reference: ort.InferenceSession) -> dict[WeightQuant, PairedGramAccumulator]:
+def _paired_grams(state: QuantState,
+                  layers: dict[WeightQuant, ir.Node]) -> dict[WeightQuant, PairedGramAccumulator]:
     """Each layer's inputs in the model quantized so far beside the float model's, streamed
-    over the calibration feeds."""
+    over the calibration feeds; both models pruned to the nodes those inputs need."""
     # laid out as it will be written (a MatMulNBits reads the float activation), so each layer
     # sees the inputs it will run on; every layer keeps its node's name
     quantized = emit(state.model, state.plan, state.qparams, emit_options(state.config))
@@ -133,6 +129,8 @@ def _paired_grams(state: QuantState, layers: dict[WeightQuant, ir.Node],
     float_names = sorted({names[1] for names in pairs.values()})
     session = open_session(values_only(quantized, quantized_names), "the quantized model",
                            calibration_settings(state.scorer.settings, quantized))
+    reference = open_session(values_only(state.model, float_names), "the float model",
+                             calibration_settings(state.scorer.settings, state.model))
     grams = {spec: PairedGramAccumulator(node, node.inputs[spec.input_index].const_value.numpy())
              for spec, node in layers.items()}
     for feed in state.calibration:
