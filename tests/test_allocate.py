@@ -251,3 +251,35 @@ def test_average_bits_count_the_container():
     assert budget.cost(layer, 8, context) == 8 * layer.elements
     fast = BudgetContext(layer.elements, 0, EmitOptions(low_bit_convs_int8=True))
     assert budget.cost(layer, 4, fast) == 8 * layer.elements  # codes in an int8 container
+
+
+def test_uniform_check_compares_the_models_as_written_after_sequential_comq():
+    """With COMQ, sequential COMQ runs after the allocation; the check measures both models
+    after it: the written model's damage is the lower of the two, and the uniform one's is that
+    of the model `weight_bits = 4` writes."""
+    from pathlib import Path
+
+    from onnxq.config import WeightMethod
+    from onnxq.scoring.sessions import open_session
+    from onnxq.stages.prepare import load_state
+
+    bundled = Path(__file__).resolve().parents[1] / "models" / "bundled"
+    model, calib = bundled / "digit_cnn.onnx", bundled / "digit_cnn_calib.npz"
+    base = dict(weight_method=WeightMethod.COMQ, measure_latency=False)
+    mixed = quantize(model, calib, QuantConfig(avg_bits=5.0, **base))
+    uniform = quantize(model, calib, QuantConfig(weight_bits=4, **base))
+    check = mixed.allocation.uniform
+    assert check is not None and check.bits == 4
+    state = load_state(model, calib, QuantConfig(**base))
+    probed = QuantConfig().sensitivity_feeds
+    feeds = [state.calibration.feed(i) for i in range(probed, probed + check.feeds)]
+    names = state.float_session.output_names
+    reference = [state.float_session.run(names, feed) for feed in feeds]
+
+    def damage(proto) -> float:
+        session = open_session(proto, "a written model")
+        outputs = [session.run(names, feed) for feed in feeds]
+        return output_damage(QuantConfig().sensitivity, reference, outputs)
+
+    assert damage(mixed.model) == pytest.approx(min(check.knapsack_damage, check.uniform_damage), rel=1e-5)
+    assert damage(uniform.model) == pytest.approx(check.uniform_damage, rel=1e-5)

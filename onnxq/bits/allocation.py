@@ -101,7 +101,8 @@ class UniformCheck:
     held-out cosine against uniform 4 bits' 0.9830). So when every free layer at one bit-width
     fits the budget, the knapsack's allocation and that uniform one (the most bits that fit)
     are emitted and their damage measured as whole models on calibration feeds the per-layer
-    probes did not use; the uniform one is written when it is less damaging."""
+    probes did not use; the uniform one is written when it is less damaging. Each is measured
+    as it will be written: after sequential COMQ, when that runs (twice its time)."""
 
     bits: int
     feeds: int
